@@ -1,0 +1,5 @@
+import sys
+
+from featherflux.cli import main
+
+sys.exit(main())
