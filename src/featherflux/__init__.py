@@ -9,4 +9,19 @@ __all__ = [
     "FamilyConfig",
     "TextEncoderConfig",
     "get_family",
+    "load_autoencoder",
+    "load_transformer",
 ]
+
+_LAZY = {  # these pull in torch and the model code; imported on first use so `import featherflux` stays light
+    "load_transformer": "featherflux.weights",
+    "load_autoencoder": "featherflux.weights",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'featherflux' has no attribute {name!r}")
