@@ -1,0 +1,102 @@
+"""FLUX.2 sampling math: the timestep schedule, position ids, latent packing, the initial noise and the Euler step.
+
+Design choices:
+- The schedule is a plain tensor of N+1 sigmas (last one 0); there is no scheduler object with state.
+- Numerics follow diffusers' FlowMatchEulerDiscreteScheduler as FLUX.2 pipelines drive it, so the same seed gives the
+  same image: sigmas `linspace(1, 1/N, N)` rounded to fp32, the exponential shift by the empirical, resolution
+  dependent mu computed in fp32, and Euler updates done in fp32 and cast back to the velocity's dtype.
+- Position ids are (T, H, W, L) per token. Text runs along L; the generated image sits at T=0; reference image i
+  (0-based) at T=10*(i+1). Ids are identical across the batch, so builders return (N, 4) and callers expand.
+- Noise is drawn like diffusers' `randn_tensor`: on the generator's device (CPU), directly in the requested dtype,
+  in the patchified (B, C, H/16, W/16) layout; a list of generators draws one sample per generator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+REFERENCE_TIME_STEP = 10  # T offset between reference images (10, 20, 30, ...)
+
+
+def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """BFL's fitted log-shift mu for a resolution (image tokens only, references excluded) and step count."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200 = a2 * image_seq_len + b2
+    m_10 = a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    b = m_200 - 200.0 * a
+    return float(a * num_steps + b)
+
+
+def get_schedule(num_steps: int, image_seq_len: int) -> Tensor:
+    """fp32 sigmas (num_steps + 1,) from 1 towards 0, shifted for `image_seq_len` image tokens; the last is 0.
+
+    Timesteps fed to the DiT are `sigmas[:-1] * 1000` (then cast to the latents' dtype, as diffusers does).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    mu = compute_empirical_mu(image_seq_len, num_steps)
+    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    # exp(mu) / (exp(mu) + (1/s - 1)); python floats stay "weak", so this is fp32 arithmetic like diffusers'
+    sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    return torch.cat([torch.from_numpy(np.asarray(sigmas, dtype=np.float32)), torch.zeros(1)])
+
+
+def euler_step(x: Tensor, velocity: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """x_next = x + (sigma_next - sigma) * v, accumulated in fp32 and returned in the velocity's dtype."""
+    return (x.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
+
+
+# position ids
+
+
+def image_ids(height: int, width: int, t: int = 0) -> Tensor:
+    """(height*width, 4) ids (t, row, col, 0) for a packed latent grid in row-major order."""
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    return torch.stack([torch.full_like(rows, t), rows, cols, torch.zeros_like(rows)], dim=-1)
+
+
+def text_ids(length: int) -> Tensor:
+    """(length, 4) ids (0, 0, 0, l): text tokens are laid out along the L axis."""
+    zeros = torch.zeros(length, dtype=torch.long)
+    return torch.stack([zeros, zeros, zeros, torch.arange(length)], dim=-1)
+
+
+def reference_ids(grids: list[tuple[int, int]]) -> Tensor:
+    """(sum h*w, 4) ids for reference latent grids [(h, w), ...], reference i at T = 10 * (i + 1)."""
+    if not grids:
+        return torch.zeros(0, 4, dtype=torch.long)
+    return torch.cat([image_ids(h, w, t=REFERENCE_TIME_STEP * (i + 1)) for i, (h, w) in enumerate(grids)])
+
+
+# latent layout
+
+
+def pack(latents: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h*w, C) tokens, row-major."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    """(B, h*w, C) row-major tokens -> (B, C, h, w)."""
+    return tokens.transpose(1, 2).unflatten(2, (height, width))
+
+
+def initial_noise(
+    shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None, dtype: torch.dtype
+) -> Tensor:
+    """Gaussian noise of `shape` (B, C, h, w) drawn exactly as diffusers' `randn_tensor` draws it on CPU."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]} images; pass one per image")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator])
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+
+from featherflux.sampling import (
+    compute_empirical_mu,
+    euler_step,
+    get_schedule,
+    image_ids,
+    initial_noise,
+    pack,
+    reference_ids,
+    text_ids,
+    unpack,
+)
+
+
+@pytest.mark.parametrize(
+    "seq_len, steps, mu",
+    [
+        (4096, 50, 2.023351),
+        (4096, 28, 2.151443),
+        (4096, 4, 2.291180),
+        (1024, 4, 2.030690),
+        (1024, 50, 1.701956),
+        (2304, 50, 1.835871),
+        (16384, 50, 3.229986),
+    ],
+)
+def test_empirical_mu_matches_worked_values(seq_len, steps, mu):
+    assert compute_empirical_mu(seq_len, steps) == pytest.approx(mu, abs=1e-6)
+
+
+def test_schedule_matches_worked_values_for_1024px_50_steps():
+    sigmas = get_schedule(50, 4096)
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (51,)
+    assert (sigmas[:3] * 1000).tolist() == pytest.approx([1000.0, 997.309, 994.521], abs=1e-3)
+    assert sigmas[-2].item() == pytest.approx(0.133719, abs=1e-6)
+    assert sigmas[-1].item() == 0.0
+    assert bool((sigmas[1:] < sigmas[:-1]).all())
+
+
+@pytest.mark.parametrize("steps, seq_len", [(4, 24), (28, 4096), (50, 16384), (1, 1024)])
+def test_schedule_equals_diffusers_scheduler_bitwise(steps, seq_len):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    scheduler.set_timesteps(
+        steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(seq_len, steps)
+    )
+    assert torch.equal(get_schedule(steps, seq_len), scheduler.sigmas)
+
+
+def test_euler_step_is_fp32_and_returns_velocity_dtype():
+    x = torch.randn(2, 5, 8).bfloat16()
+    v = torch.randn(2, 5, 8).bfloat16()
+    sigmas = get_schedule(4, 40)
+    out = euler_step(x, v, sigmas[0], sigmas[1])
+    assert out.dtype == torch.bfloat16
+    expected = (x.float() + (sigmas[1] - sigmas[0]) * v).bfloat16()
+    assert torch.equal(out, expected)
+    # a linear field is integrated exactly: x0 = x1 - v over the whole schedule
+    x1, v32 = torch.randn(3, 4), torch.randn(3, 4)
+    x = x1
+    for i in range(4):
+        x = euler_step(x, v32, sigmas[i], sigmas[i + 1])
+    torch.testing.assert_close(x, x1 - v32)
+
+
+def test_position_ids():
+    ids = image_ids(2, 3)
+    assert ids.tolist() == [[0, r, c, 0] for r in range(2) for c in range(3)]
+    assert text_ids(3).tolist() == [[0, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 2]]
+    refs = reference_ids([(1, 2), (2, 1)])
+    assert refs.tolist() == [[10, 0, 0, 0], [10, 0, 1, 0], [20, 0, 0, 0], [20, 1, 0, 0]]
+    assert torch.equal(torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(5), torch.arange(1)),
+                       image_ids(4, 5))
+
+
+def test_pack_roundtrip_and_row_major_order():
+    x = torch.randn(2, 8, 3, 5)
+    tokens = pack(x)
+    assert tokens.shape == (2, 15, 8)
+    assert torch.equal(tokens[:, 5 + 2], x[:, :, 1, 2])
+    assert torch.equal(unpack(tokens, 3, 5), x)
+
+
+def test_initial_noise_matches_diffusers_randn_tensor():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (2, 8, 4, 6)
+    ours = initial_noise(shape, torch.Generator().manual_seed(7), torch.float32)
+    theirs = randn_tensor(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float32)
+    assert torch.equal(ours, theirs)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    ours = initial_noise(shape, gens, torch.bfloat16)
+    theirs = randn_tensor(shape, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], dtype=torch.bfloat16)
+    assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="one per image"):
+        initial_noise(shape, gens[:1], torch.float32)
