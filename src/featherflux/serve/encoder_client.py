@@ -1,0 +1,141 @@
+"""A prompt encoder that lives on another machine: the client of `featherflux encode-server`.
+
+`RemotePromptEncoder` has the `PromptEncoder` interface (`model_id`, `family`, `encode`), so a pipeline uses it
+exactly like a local encoder and never loads text-encoder weights.
+
+Design choices:
+- Construction asks the server who it is (`GET /v1/models`), so a wrong URL, a refused token or a server that
+  encodes for another family fails at `load_pipeline`, not halfway through a batch of images.
+- Encoding is idempotent, so connection errors, time-outs and 5xx answers are retried with exponential backoff;
+  4xx answers are not (the request itself is wrong). 401/403 become a `UserError` that says which token to fix.
+- The body is safetensors and is checked field by field (`wire.decode_embeddings`); nothing is unpickled.
+- Prompt lists longer than the server's per-request limit are sent in chunks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import torch
+
+from featherflux.errors import UserError
+from featherflux.serve.wire import decode_embeddings
+
+
+class RemoteEncoderError(UserError):
+    """The encode server could not be reached, refused us, or answered something we cannot use."""
+
+
+class RemotePromptEncoder:
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        family: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ):
+        """Connect to the encode server at `url`; `family`, when given, must be the family the server encodes for."""
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"text encoder URL {url!r} must start with http:// or https://")
+        self.url = url.rstrip("/")
+        self.retries, self.backoff_s = retries, backoff_s
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # Connecting should be quick; reading may wait for a big encoder behind a queue.
+        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+        try:
+            info = self._request("GET", "/v1/models").json()["data"][0]
+            self.model_id: str = info["id"]
+            self.family: str = info["family"]
+            self.max_prompts: int = info["max_prompts"]
+            self.max_sequence_length: int = info["max_sequence_length"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            self.close()
+            raise RemoteEncoderError(f"{self.url} does not answer like a featherflux encode-server") from None
+        if family is not None and family != self.family:
+            self.close()
+            raise RemoteEncoderError(
+                f"the encode server at {self.url} encodes for family {self.family!r} (model {self.model_id!r}), "
+                f"but the pipeline is {family!r}; point --text-encoder at a server running a {family} encoder"
+            )
+
+    def encode(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
+        """Embeddings (B, L, D) for `prompts`, bit for bit what the server's local encoder gives."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise UserError("no prompts to encode")
+        if max_sequence_length > self.max_sequence_length:
+            raise UserError(
+                f"max_sequence_length={max_sequence_length} is above the encode server's limit "
+                f"{self.max_sequence_length}"
+            )
+        parts = []
+        for start in range(0, len(prompts), self.max_prompts):
+            chunk = prompts[start : start + self.max_prompts]
+            response = self._request(
+                "POST", "/v1/encode", json={"prompts": chunk, "max_sequence_length": max_sequence_length}
+            )
+            embeds, header = decode_embeddings(
+                response.content, prompt_count=len(chunk), max_sequence_length=max_sequence_length
+            )
+            if header.family != self.family or header.model_id != self.model_id:
+                raise RemoteEncoderError(
+                    f"the encode server at {self.url} switched model mid-session: it now serves "
+                    f"{header.model_id!r} ({header.family}), we connected to {self.model_id!r} ({self.family})"
+                )
+            parts.append(embeds)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self._http.request(method, self.url + path, **kwargs)
+            except httpx.TransportError as e:  # refused, reset, timed out: the server may be restarting
+                if last:
+                    raise RemoteEncoderError(
+                        f"cannot reach the encode server at {self.url} after {self.retries + 1} attempts "
+                        f"({type(e).__name__}: {e}); is `featherflux encode-server` running there?"
+                    ) from None
+            else:
+                if response.status_code < 500:
+                    break
+                if last:
+                    raise RemoteEncoderError(
+                        f"the encode server at {self.url} failed {self.retries + 1} times: "
+                        f"{response.status_code} {_message(response)}"
+                    )
+            time.sleep(self.backoff_s * 2**attempt)
+        if response.status_code in (401, 403):
+            raise RemoteEncoderError(
+                f"the encode server at {self.url} refused the token ({response.status_code}: {_message(response)}); "
+                "pass the server's token with text_encoder_token= / --text-encoder-token-file"
+            )
+        if response.status_code != 200:
+            raise RemoteEncoderError(
+                f"the encode server at {self.url} rejected the request: {response.status_code} {_message(response)}"
+            )
+        return response
+
+    def close(self):
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemotePromptEncoder({self.url!r}, model_id={self.model_id!r}, family={self.family!r})"
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
