@@ -1,0 +1,1 @@
+"""HTTP services: the OpenAI-compatible image API (api, queue, auth, files) and the remote text encoder."""
