@@ -186,6 +186,38 @@ FAMILIES: dict[str, FamilyConfig] = {
         default_guidance=1.0,
         guidance_distilled=True,
     ),
+    # FLUX.2 scaled down to 64x64 pictures of flat shapes (featherflux.demo): trained here in minutes on CPU,
+    # klein-style (no guidance embedding, no CFG). Ships inside the package.
+    "demo": FamilyConfig(
+        name="demo",
+        dit=DiTConfig(
+            in_channels=32,
+            context_in_dim=192,
+            hidden_size=192,
+            num_heads=6,
+            depth=2,
+            depth_single_blocks=4,
+            axes_dim=(8, 8, 8, 8),
+            guidance_embed=False,
+        ),
+        autoencoder=AutoEncoderConfig(channels=(16, 32, 32, 32), num_res_blocks=1, z_channels=8, norm_groups=8),
+        text_encoder=TextEncoderConfig(
+            arch="qwen3",
+            hidden_size=64,
+            num_layers=3,
+            intermediate_size=128,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            vocab_size=384,
+            out_layers=(1, 2, 3),
+            max_length=32,
+            tie_embeddings=True,
+        ),
+        default_steps=8,
+        default_guidance=1.0,
+        guidance_distilled=True,
+    ),
 }
 
 
