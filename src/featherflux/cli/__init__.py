@@ -14,6 +14,7 @@ import sys
 from featherflux.errors import UserError
 
 COMMAND_MODULES = [
+    "plan",
 ]
 
 

@@ -1,0 +1,37 @@
+"""`featherflux plan MODEL --vram 24 [--ram 64] [--json]`: print the placement the planner would use."""
+
+from __future__ import annotations
+
+import argparse
+
+from featherflux.memory.planner import plans
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="show how a model would be placed on a device of a given size")
+    p.add_argument("model", help="family name (flux.2-dev, klein-4b, klein-9b), hub id, folder, .safetensors or .gguf")
+    p.add_argument("--vram", help="device memory, e.g. 24 or 24GiB (default: the CUDA device's)")
+    p.add_argument("--ram", help="host memory, e.g. 64 or 64GiB (default: this machine's)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--offload", choices=["model", "blocks", "sequential"], default="auto", help="fix the placement")
+    p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], default="auto", help="fix the quantization")
+    p.add_argument("--all", action="store_true", help="also list the other candidate plans")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    candidates = plans(args.model, args.vram, args.ram, height=args.height, width=args.width,
+                       offload=args.offload, quantize=args.quantize)
+    best = candidates[0]
+    if args.json:
+        print(best.to_json())
+        return 0 if best.fits else 1
+    print(best.explanation)
+    if args.all:
+        print("\ncandidates (best first):")
+        for p in candidates:
+            print(f"  offload={p.offload or 'none':10} quantize={p.quantize or 'bf16':5} fits={p.fits!s:5} "
+                  f"peak={p.peak_vram_gib:5.1f} GiB  {p.seconds_per_step:6.2f} s/step  {p.seconds_per_image:7.1f} s/image")
+    return 0 if best.fits else 1

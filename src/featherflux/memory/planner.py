@@ -1,0 +1,425 @@
+"""The planner: from a VRAM and RAM budget to the fastest placement of text encoder, DiT and autoencoder that fits.
+
+Design:
+- Everything is computed from the configs (`memory.sizes`): no weights are read, so `featherflux plan` works
+  before anything is downloaded.
+- A plan gives each component a placement: `resident` (on the device for the whole session), `offload` (moved to
+  the device for its phase, back to the host after), `stream` (a set of resident blocks; the rest are copied in
+  from pinned host memory one block ahead of use) or `sequential` (every leaf Linear streamed, nothing resident).
+- Device peak = persistent bytes (resident components and streamed components' resident blocks) + the largest
+  phase transient (the offloaded component of that phase or the two in-flight streamed blocks, plus that phase's
+  activations) + a reserve for the CUDA context and allocator fragmentation.
+
+Speed model (why the ranking is what it is). Per DiT step, compute takes C = FLOPs / throughput and a streamed
+plan must copy T = streamed bytes / host-to-device bandwidth. The copy of block i+1 runs on a side stream while
+block i computes, so a streamed step takes about max(C, T). For a linear layer the ratio C/T per weight byte is
+(2 * tokens / 2 bytes) / throughput * bandwidth = tokens * bandwidth / throughput. With 4608 tokens (1024² plus
+512 text tokens), PCIe 4.0 (~22 GB/s pinned) and ~150 dense bf16 TFLOP/s (an RTX 4090) that is ~0.7: streaming
+*everything* would be ~1.4x slower than compute, but with a third of the blocks resident the copy hides behind
+compute. So on a 24 GiB card, bf16 dev with ~19 GiB of resident blocks runs at ~1.0-1.1x the fully resident
+speed with exact output, while int8/fp8 weights (32 GB) still do not fit resident and only halve a copy that is
+already hidden. Quantization wins when the copy is *not* hidden: small budgets (8-12 GiB), slow links
+(PCIe 3.0, x8 slots), small images (fewer tokens per weight byte), or when it turns a streamed plan into a
+resident one. Leaf-level sequential offload copies everything every step in small pieces (poorer overlap,
+modelled at 60% link efficiency) and is the last resort. Quantized layers dequantise to bf16 before the matmul;
+that costs ~4 bytes of device-memory traffic per weight per step, a few percent.
+
+Ranking: expected seconds per image (steps x step time + per-image encoder/decoder work and transfers), scaled
+by a quality factor (1.0 bf16, 1.3 int8/fp8, 1.6 nf4): a quantized plan is chosen only if it is clearly faster
+(or the only one that fits), which keeps the brief's order: resident > model offload > block streaming > quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from featherflux.errors import UserError
+from featherflux.memory import sizes
+from featherflux.model.config import FAMILIES, DiTConfig, FamilyConfig
+
+GiB = 1024**3
+OFFLOAD_MODES = (None, "model", "blocks", "sequential")
+QUANTIZE_MODES = (None, "int8", "fp8", "nf4")
+QUALITY_FACTOR = {None: 1.0, "int8": 1.3, "fp8": 1.3, "nf4": 1.6}
+HOST_OVERHEAD = 3 * GiB  # Python, torch, tokenizers, page tables
+SEQUENTIAL_LINK_EFFICIENCY = 0.6
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the planner assumes about the machine. Throughputs are effective, not peak, figures."""
+
+    vram_bytes: int
+    ram_bytes: int
+    tflops: float = 150.0  # dense bf16 matmul throughput actually reached (RTX 4090-class)
+    h2d_gbps: float = 22.0  # pinned host-to-device copy (PCIe 4.0 x16)
+    hbm_gbps: float = 1000.0  # device memory bandwidth, for dequantisation traffic
+    disk_gbps: float = 2.0  # NVMe read, for memory-mapped weights that do not fit in RAM
+    fp8_matmul: bool = False  # fp8 tensor cores (sm_89+): fp8 is preferred over int8 at equal bytes
+
+    @property
+    def reserve_bytes(self) -> int:
+        """CUDA context, cuBLAS workspaces and allocator fragmentation: never available to tensors."""
+        return int(0.75 * GiB + 0.04 * self.vram_bytes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    family: str
+    offload: str | None  # the user-facing mode: None (all resident), "model", "blocks", "sequential"
+    quantize: str | None  # Linear weights of the DiT and the text encoder
+    text_encoder: str  # "resident" | "offload" | "stream"
+    dit: str  # "resident" | "offload" | "stream" | "sequential"
+    autoencoder: str  # "resident" | "offload"
+    dit_resident_blocks: tuple[int, ...]  # execution-order indices (double blocks first) kept on the device
+    dit_blocks: int
+    mmap: bool  # weights memory-mapped from disk because the host cannot hold them
+    vram_budget_bytes: int
+    peak_vram_bytes: int
+    host_bytes: int
+    seconds_per_step: float
+    copy_seconds_per_step: float  # host-to-device copies of a streamed DiT step (overlapping compute)
+    seconds_per_image: float
+    fits: bool
+    explanation: str = ""
+
+    @property
+    def peak_vram_gib(self) -> float:
+        return self.peak_vram_bytes / GiB
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["dit_resident_blocks"] = len(self.dit_resident_blocks)
+        d["peak_vram_gib"] = round(self.peak_vram_gib, 2)
+        d["vram_budget_gib"] = round(self.vram_budget_bytes / GiB, 2)
+        d["host_gib"] = round(self.host_bytes / GiB, 2)
+        return json.dumps(d, indent=2)
+
+
+def parse_bytes(value: str | int | float | None, what: str = "memory") -> int | None:
+    """`24`, `24GiB`, `24G`, `24GB` (10^9), `512MiB`, `24.5` -> bytes. A bare number means GiB."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool) and value > 1 << 20:
+        return value
+    if isinstance(value, (int, float)):
+        return int(value * GiB)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*", str(value).lower())
+    if not m:
+        raise UserError(f"cannot read {what} {value!r}; write a number of GiB such as 24 or 24GiB, or 512MiB")
+    unit = {None: GiB, "g": GiB, "gib": GiB, "gb": 10**9, "m": 2**20, "mib": 2**20, "mb": 10**6}
+    unit |= {"t": 2**40, "tib": 2**40, "tb": 10**12}
+    return int(float(m.group(1)) * unit[m.group(2)])
+
+
+def detect_hardware() -> Hardware | None:
+    """The current CUDA device's memory and host RAM, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return Hardware(vram_bytes=props.total_memory, ram_bytes=host_ram_bytes(), fp8_matmul=(props.major, props.minor) >= (8, 9))
+
+
+def host_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# ---------------------------------------------------------------------------------------------------- families
+
+
+def _family_for_dit(dit: DiTConfig) -> FamilyConfig:
+    for family in FAMILIES.values():
+        f = family.dit
+        if (f.hidden_size, f.depth, f.depth_single_blocks) == (dit.hidden_size, dit.depth, dit.depth_single_blocks):
+            return family
+    raise UserError(f"no known FLUX.2 family has hidden size {dit.hidden_size} and {dit.depth}+{dit.depth_single_blocks} blocks")
+
+
+def _dit_from_keys(shapes: dict[str, tuple[int, ...]]) -> DiTConfig:
+    """Read the DiT shape from BFL key names (the layout of BFL, ComfyUI and city96 GGUF files)."""
+    prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in shapes) else ""
+    if any(k.startswith("diffusion_model.") for k in shapes):
+        prefix = "diffusion_model."
+    try:
+        hidden = shapes[prefix + "img_in.weight"]
+    except KeyError:
+        raise UserError("the checkpoint has no img_in.weight; is it a FLUX.2 transformer in BFL layout?") from None
+    hidden = hidden[0]  # (hidden, in_channels)
+
+    def count(kind: str) -> int:
+        return len({k.split(".")[1] for k in (k[len(prefix) :] for k in shapes) if k.startswith(kind + ".")})
+
+    return DiTConfig(hidden_size=hidden, num_heads=hidden // 128, depth=count("double_blocks"), depth_single_blocks=count("single_blocks"))
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def resolve_family(model: str | os.PathLike | FamilyConfig) -> tuple[FamilyConfig, str | None]:
+    """A family name, a hub id, a diffusers folder, a BFL .safetensors or a .gguf -> (family, quantization of the file)."""
+    if isinstance(model, FamilyConfig):
+        return model, None
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir():
+            config = path / "transformer" / "config.json" if (path / "transformer").is_dir() else path / "config.json"
+            if not config.is_file():
+                raise UserError(f"{path} has no transformer/config.json; give a diffusers folder, a file or a family name")
+            c = json.loads(config.read_text())
+            dit = DiTConfig(
+                hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
+                num_heads=c["num_attention_heads"],
+                depth=c["num_layers"],
+                depth_single_blocks=c["num_single_layers"],
+            )
+            return _family_for_dit(dit), None
+        if path.suffix == ".gguf":
+            from featherflux.memory.gguf import gguf_summary
+
+            shapes, quant = gguf_summary(path)
+            return _family_for_dit(_dit_from_keys(shapes)), quant
+        if path.suffix == ".safetensors":
+            return _family_for_dit(_dit_from_keys(_safetensors_shapes(path))), None
+        raise UserError(f"cannot plan for {path}: expected a folder, a .safetensors or a .gguf file")
+    key = text.lower().rsplit("/", 1)[-1].removeprefix("flux.2-")
+    for name in FAMILIES:
+        if key in (name, name.removeprefix("flux.2-")):
+            return FAMILIES[name], None
+    raise UserError(f"{text!r} is neither an existing path nor a known model; known families: {', '.join(FAMILIES)}")
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def pick_resident_blocks(block_bytes: list[int], budget: int) -> tuple[int, ...]:
+    """As many blocks as fit in `budget`, spread evenly through the execution order.
+
+    Spreading them lets the copy of the next streamed block run while resident blocks compute, so the copy
+    engine never idles for long stretches.
+    """
+    n = len(block_bytes)
+    avg = sum(block_bytes) / max(n, 1)
+    k = min(n, int(budget // avg)) if avg else n
+    while k > 0:
+        chosen = tuple(sorted({int((i + 0.5) * n / k) for i in range(k)}))
+        if sum(block_bytes[i] for i in chosen) <= budget:
+            return chosen
+        k -= 1
+    return ()
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Bytes and seconds of one family at one quantization and resolution."""
+
+    dit: int
+    dit_globals: int
+    dit_blocks: list[int]
+    dit_largest_leaf: int
+    te: int
+    te_layer: int
+    te_other: int
+    ae: int
+    act_dit: int
+    act_te: int
+    act_ae: int
+    dit_compute_s: float
+    te_compute_s: float
+    ae_compute_s: float
+
+
+def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, width: int, batch: int) -> _Sizes:
+    img_tokens = (height // 16) * (width // 16)
+    txt = family.text_encoder.max_length
+    dw = sizes.dit_weights(family.dit)
+    te = sizes.text_encoder_weights(family.text_encoder)
+    te_layer = sizes.text_encoder_layer_weights(family.text_encoder)
+    flops = hw.tflops * 1e12
+    dequant = (dw.total.linear * 4 / (hw.hbm_gbps * 1e9)) if quant else 0.0
+    dit_flops = sizes.dit_step_flops(family.dit, img_tokens, txt, batch)
+    if quant == "fp8" and hw.fp8_matmul:
+        dit_flops /= 2  # fp8 tensor cores run twice the bf16 rate
+    d, m = family.dit.hidden_size, family.dit.mlp_hidden_dim
+    return _Sizes(
+        dit=dw.total.nbytes(quant),
+        dit_globals=dw.globals.nbytes(quant),
+        dit_blocks=dw.block_bytes(quant),
+        dit_largest_leaf=int(d * (3 * d + 2 * m) * sizes.QUANT_BYTES[quant]),
+        te=te.nbytes(quant),
+        te_layer=te_layer.nbytes(quant),
+        te_other=te.nbytes(quant) - family.text_encoder.layers_needed * te_layer.nbytes(quant),
+        ae=sizes.autoencoder_weights(family.autoencoder).nbytes(),
+        act_dit=sizes.dit_activation_bytes(family.dit, img_tokens, txt, batch),
+        act_te=sizes.text_encoder_activation_bytes(family.text_encoder, txt, batch),
+        act_ae=sizes.autoencoder_activation_bytes(family.autoencoder, height, width, batch),
+        dit_compute_s=dit_flops / flops + dequant,
+        te_compute_s=sizes.text_encoder_flops(family.text_encoder, txt, batch) / flops,
+        ae_compute_s=sizes.autoencoder_decode_flops(family.autoencoder, height, width) * batch / flops,
+    )
+
+
+def _evaluate(family, s: _Sizes, hw: Hardware, offload, quant, te, dit, ae, resident: tuple[int, ...], steps: int) -> Plan:
+    resident_bytes = sum(s.dit_blocks[i] for i in resident)
+    persistent = {"resident": s.te}.get(te, 0) + {"resident": s.ae}.get(ae, 0)
+    persistent += {"resident": s.dit, "stream": s.dit_globals + resident_bytes}.get(dit, 0)
+    te_phase = {"resident": 0, "offload": s.te, "stream": s.te_other + 2 * s.te_layer}[te] + s.act_te
+    dit_phase = {"resident": 0, "offload": s.dit, "stream": 2 * max(s.dit_blocks), "sequential": 2 * s.dit_largest_leaf}[dit]
+    dit_phase += s.act_dit
+    ae_phase = {"resident": 0, "offload": s.ae}[ae] + s.act_ae
+    peak = persistent + max(te_phase, dit_phase, ae_phase) + hw.reserve_bytes
+
+    dit_host = {"resident": 0, "offload": s.dit, "stream": s.dit - s.dit_globals - resident_bytes, "sequential": s.dit}[dit]
+    step_host = HOST_OVERHEAD + dit_host + (s.ae if ae != "resident" else 0)  # touched every step
+    host = step_host + (s.te if te != "resident" else 0)  # the text encoder is touched once per prompt
+    mmap = host > hw.ram_bytes
+    link = hw.h2d_gbps * 1e9
+    streamed = {"stream": dit_host, "sequential": s.dit}.get(dit, 0)
+    copy_s = streamed / link / (SEQUENTIAL_LINK_EFFICIENCY if dit == "sequential" else 1.0)
+    if step_host > hw.ram_bytes:  # what does not fit in the page cache is read from disk again every step
+        copy_s += min(step_host - hw.ram_bytes, streamed) / (hw.disk_gbps * 1e9)
+    step = max(s.dit_compute_s, copy_s) * (1.02 if streamed else 1.0)
+    per_image = s.te_compute_s + s.ae_compute_s + (s.te / link if te != "resident" else 0) + (s.ae / link if ae != "resident" else 0)
+    per_image += s.dit / link if dit == "offload" else 0.0
+    if mmap:  # denoising evicted the text encoder's pages: a new prompt reads it from disk again
+        per_image += (s.te if te != "resident" else 0) / (hw.disk_gbps * 1e9)
+    if dit == "stream" and len(resident) == len(s.dit_blocks):
+        dit = "resident"
+    return Plan(
+        family=family.name,
+        offload=offload,
+        quantize=quant,
+        text_encoder=te,
+        dit=dit,
+        autoencoder=ae,
+        dit_resident_blocks=resident,
+        dit_blocks=len(s.dit_blocks),
+        mmap=mmap,
+        vram_budget_bytes=hw.vram_bytes,
+        peak_vram_bytes=peak,
+        host_bytes=host,
+        seconds_per_step=step,
+        copy_seconds_per_step=copy_s,
+        seconds_per_image=steps * step + per_image,
+        fits=peak <= hw.vram_bytes,
+    )
+
+
+def _candidates(family, s: _Sizes, hw: Hardware, offload, quant, steps: int) -> Plan:
+    """The best plan of one (offload mode, quantization) pair."""
+
+    def ev(te, dit, ae, resident=()):
+        return _evaluate(family, s, hw, offload, quant, te, dit, ae, resident, steps)
+
+    if offload is None:
+        return ev("resident", "resident", "resident")
+    if offload == "model":  # everything offloaded, then keep what still fits resident, the DiT first (it runs every step)
+        placement = {"dit": "offload", "ae": "offload", "te": "offload"}
+        for part in ("dit", "ae", "te"):
+            trial = placement | {part: "resident"}
+            if ev(trial["te"], trial["dit"], trial["ae"]).fits:
+                placement = trial
+        return ev(placement["te"], placement["dit"], placement["ae"])
+    if offload == "blocks":
+        base = ev("stream", "stream", "offload")
+        spare = hw.vram_bytes - base.peak_vram_bytes
+        return ev("stream", "stream", "offload", pick_resident_blocks(s.dit_blocks, max(spare, 0)))
+    return ev("stream", "sequential", "offload")
+
+
+def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int, width: int) -> str:
+    q = p.quantize or "bf16"
+    lines = [
+        f"{family.name} at {width}x{height} with {hw.vram_bytes / GiB:.0f} GiB VRAM and {hw.ram_bytes / GiB:.0f} GiB RAM:",
+        f"weights in {q}: DiT {s.dit / GiB:.1f} GiB, text encoder {s.te / GiB:.1f} GiB (trimmed to "
+        f"{family.text_encoder.layers_needed} of {family.text_encoder.num_layers} layers), autoencoder {s.ae / GiB:.2f} GiB.",
+    ]
+    if p.dit == "resident" and p.text_encoder == "resident":
+        lines.append("Everything stays on the device: nothing moves between phases.")
+    if p.dit == "resident" and p.text_encoder != "resident":
+        lines.append(f"DiT stays on the device; the text encoder is {'moved in' if p.text_encoder == 'offload' else 'streamed in layer by layer'} "
+                     "only to encode a prompt, then moved back to the host.")
+    if p.dit == "offload":
+        lines.append(f"One component on the device at a time: the DiT ({s.dit / GiB:.1f} GiB) is moved in for denoising "
+                     f"and out again, {s.dit / (hw.h2d_gbps * 1e9):.1f} s of copying per image.")
+    if p.dit == "stream":
+        k = len(p.dit_resident_blocks)
+        lines.append(
+            f"The DiT does not fit next to its activations, so {k} of {p.dit_blocks} blocks stay on the device and the "
+            f"other {p.dit_blocks - k} are copied in from pinned host memory one block ahead of use; the text encoder "
+            "is streamed layer by layer when a prompt is encoded."
+        )
+    if p.dit == "sequential":
+        lines.append("Only the largest single layers fit: every Linear is copied in right before use (sequential offload).")
+    if p.dit in ("stream", "sequential"):
+        bound = "copy-bound" if p.copy_seconds_per_step > s.dit_compute_s else "compute-bound: the copies hide behind compute"
+        lines.append(f"Expected {p.seconds_per_step:.2f} s/step vs {s.dit_compute_s:.2f} s/step fully resident "
+                     f"({p.copy_seconds_per_step:.2f} s of copies per step, {bound}).")
+    else:
+        lines.append(f"Expected {p.seconds_per_step:.2f} s/step.")
+    if p.mmap:
+        lines.append(f"The host needs {p.host_bytes / GiB:.0f} GiB for the weights off the device, more than its RAM, "
+                     "so weights are memory-mapped from disk and re-read as needed (slower).")
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines.append(f"Peak {p.peak_vram_gib:.1f} GiB of {hw.vram_bytes / GiB:.0f} GiB VRAM (incl. "
+                 f"{hw.reserve_bytes / GiB:.1f} GiB reserve): {verdict}.")
+    if p.quantize:
+        lines.append(f"{q} weights dequantise to bf16 per layer; chosen because it is clearly faster or the only fit.")
+    return " ".join(lines)
+
+
+def plans(
+    model,
+    vram: str | int | float | None = None,
+    ram: str | int | float | None = None,
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    batch: int = 1,
+    offload: str | None = "auto",
+    quantize: str | None = "auto",
+    hardware: Hardware | None = None,
+) -> list[Plan]:
+    """All candidate plans, best first: the fitting ones ranked by expected time x quality factor, then the rest
+    by peak. `offload` / `quantize` = "auto" lets the planner choose; any other value (None included) fixes it."""
+    family, file_quant = resolve_family(model)
+    hw = hardware or detect_hardware()
+    if vram is not None or hw is None:
+        if vram is None:
+            raise UserError("no CUDA device found: give the VRAM budget, e.g. --vram 24 (GiB)")
+        ram_b = parse_bytes(ram, "RAM") if ram is not None else (hw.ram_bytes if hw else host_ram_bytes())
+        hw = replace(hw, vram_bytes=parse_bytes(vram, "VRAM"), ram_bytes=ram_b) if hw else Hardware(parse_bytes(vram, "VRAM"), ram_b)
+    elif ram is not None:
+        hw = replace(hw, ram_bytes=parse_bytes(ram, "RAM"))
+    if offload != "auto" and offload not in OFFLOAD_MODES:
+        raise UserError(f"unknown offload mode {offload!r}; use one of model, blocks, sequential (or leave it unset)")
+    if file_quant:
+        quants = [file_quant]
+    elif quantize == "auto":
+        quants = [None, "fp8" if hw.fp8_matmul else "int8", "nf4"]
+    elif quantize in QUANTIZE_MODES:
+        quants = [quantize]
+    else:
+        raise UserError(f"unknown quantization {quantize!r}; use one of int8, fp8, nf4 (or leave it unset)")
+    offloads = OFFLOAD_MODES if offload == "auto" else (offload,)
+    out = []
+    for quant in quants:
+        s = _sizes(family, quant, hw, height, width, batch)
+        for mode in offloads:
+            p = _candidates(family, s, hw, mode, quant, family.default_steps)
+            out.append(replace(p, explanation=_explain(p, family, s, hw, height, width)))
+    fitting = sorted((p for p in out if p.fits), key=lambda p: p.seconds_per_image * QUALITY_FACTOR.get(p.quantize, 1.6))
+    return fitting + sorted((p for p in out if not p.fits), key=lambda p: p.peak_vram_bytes)
+
+
+def plan(model, vram=None, ram=None, **kwargs) -> Plan:
+    """The fastest plan that fits (see `plans`); if none fits, the one with the smallest peak, with `fits=False`."""
+    return plans(model, vram, ram, **kwargs)[0]
