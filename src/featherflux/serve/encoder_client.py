@@ -47,20 +47,27 @@ class RemotePromptEncoder:
         # Connecting should be quick; reading may wait for a big encoder behind a queue.
         self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
         try:
-            info = self._request("GET", "/v1/models").json()["data"][0]
-            self.model_id: str = info["id"]
-            self.family: str = info["family"]
-            self.max_prompts: int = info["max_prompts"]
-            self.max_sequence_length: int = info["max_sequence_length"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            info = self._server_info()
+        except BaseException:
             self.close()
-            raise RemoteEncoderError(f"{self.url} does not answer like a featherflux encode-server") from None
+            raise
+        self.model_id: str = info["id"]
+        self.family: str = info["family"]
+        self.max_prompts: int = info["max_prompts"]
+        self.max_sequence_length: int = info["max_sequence_length"]
         if family is not None and family != self.family:
             self.close()
             raise RemoteEncoderError(
                 f"the encode server at {self.url} encodes for family {self.family!r} (model {self.model_id!r}), "
                 f"but the pipeline is {family!r}; point --text-encoder at a server running a {family} encoder"
             )
+
+    def _server_info(self) -> dict:
+        try:
+            info = self._request("GET", "/v1/models").json()["data"][0]
+            return {key: info[key] for key in ("id", "family", "max_prompts", "max_sequence_length")}
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RemoteEncoderError(f"{self.url} does not answer like a featherflux encode-server") from None
 
     def encode(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
         """Embeddings (B, L, D) for `prompts`, bit for bit what the server's local encoder gives."""
