@@ -15,6 +15,7 @@ from featherflux.errors import UserError
 
 COMMAND_MODULES = [
     "plan",
+    "batch",
 ]
 
 

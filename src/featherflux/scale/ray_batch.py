@@ -1,0 +1,67 @@
+"""Batch generation on Ray Data: one pipeline actor per GPU (or per CPU slot), jobs streamed through them.
+
+Each actor loads the pipeline once and renders jobs with the same `render_or_error` as the in-process runner,
+writing PNGs straight into the output folder (a shared file system on a multi-node cluster). Only small
+manifest records travel back to the driver, which appends them to the manifest as they arrive.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from featherflux.scale.jobs import BatchJob
+
+
+class JobRenderer:
+    """A Ray Data actor: `__call__` gets a batch of serialised jobs and returns their manifest records."""
+
+    def __init__(self, model: str, output_dir: str, base_dir: str, device: str, dtype: str | None, threads: int):
+        from featherflux.pipeline import load_pipeline
+
+        torch.set_num_threads(threads)
+        self.model = model
+        self.output_dir, self.base_dir = Path(output_dir), Path(base_dir)
+        self.pipe = load_pipeline(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+
+    def __call__(self, batch: dict) -> dict:
+        from featherflux.scale.batch import render_or_error
+
+        records = []
+        for text in batch["job"]:
+            fields = json.loads(text)
+            fields["loras"] = tuple(tuple(item) for item in fields["loras"])
+            fields["references"] = tuple(fields["references"])
+            job = BatchJob(**fields)
+            records.append(json.dumps(render_or_error(self.pipe, job, self.output_dir, self.base_dir, self.model)))
+        return {"record": records}
+
+
+def render_on_ray(jobs: list[BatchJob], output_dir: Path, base_dir: Path, model: str, *, workers: int | None,
+                  address: str | None, device: str, dtype: torch.dtype | None):
+    """Yield manifest records (or error records) as the actors finish jobs."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    use_gpu = device.startswith("cuda")
+    resources = ray.cluster_resources()
+    slots = int(resources.get("GPU" if use_gpu else "CPU", 1))
+    workers = max(1, min(workers or slots, len(jobs)))
+    threads = 1 if use_gpu else max(1, slots // workers)
+    dataset = ray.data.from_items([{"job": json.dumps(asdict(job))} for job in jobs], override_num_blocks=len(jobs))
+    records = dataset.map_batches(
+        JobRenderer,
+        fn_constructor_kwargs=dict(model=model, output_dir=str(output_dir.resolve()), base_dir=str(base_dir),
+                                   device=device, dtype=str(dtype).removeprefix("torch.") if dtype else None,
+                                   threads=threads),
+        batch_size=1,
+        concurrency=workers,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0 if use_gpu else threads,
+    )
+    for row in records.iter_rows():
+        yield json.loads(row["record"])
