@@ -189,6 +189,9 @@ class JobQueue:
                 return job
             if job.state == "queued":
                 self._waiting[job.owner].remove(job)
+                if not self._waiting[job.owner]:
+                    del self._waiting[job.owner]
+                    self._line.remove(job.owner)
                 self._finish(job, "cancelled")
                 self._persist()
             else:

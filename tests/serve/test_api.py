@@ -1,0 +1,214 @@
+"""The HTTP API on a real loopback server, driven by the official `openai` client and raw HTTP."""
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from featherflux.serve.api import Limits, create_app
+from featherflux.serve.auth import add_key
+from tests.serve.fakes import FakePipeline, LiveServer, seed_colour
+
+
+def png_bytes(size=(32, 32), colour="blue") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def colour(data: bytes):
+    with Image.open(io.BytesIO(data)) as image:
+        return image.getpixel((0, 0))
+
+
+def client(server, key="unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pipe = FakePipeline()
+    app = create_app(pipe, output_dir=tmp_path_factory.mktemp("out"),
+                     limits=Limits(max_n=4, max_steps=50, max_upload_bytes=200_000))
+    with LiveServer(app) as live:
+        live.pipe = pipe
+        yield live
+
+
+def test_openai_client_generates_b64_and_url(server):
+    c = client(server)
+    result = c.images.generate(prompt="a red fox", n=2, size="32x32", extra_body={"seed": 11, "steps": 3})
+    assert [colour(base64.b64decode(d.b64_json)) for d in result.data] == [
+        seed_colour(11, "a red fox"), seed_colour(12, "a red fox")]
+    result = c.images.generate(prompt="a red fox", size="48x32", response_format="url", extra_body={"seed": 11})
+    (image,) = result.data
+    data = httpx.get(image.url).content
+    assert colour(data) == seed_colour(11, "a red fox")
+    with Image.open(io.BytesIO(data)) as png:
+        assert png.size == (48, 32)
+        assert json.loads(png.text["parameters"])["prompt"] == "a red fox"
+
+
+def test_openai_client_edit_sends_one_or_many_references(server):
+    c = client(server)
+    before = len(server.pipe.calls)
+    one = c.images.edit(image=("ref.png", png_bytes(), "image/png"), prompt="make it green", size="32x32",
+                        extra_body={"seed": 3, "steps": 2})
+    many = c.images.edit(image=[("a.png", png_bytes(), "image/png"), ("b.png", png_bytes((64, 48)), "image/png")],
+                         prompt="combine", extra_body={"seed": 4, "steps": 2})
+    assert colour(base64.b64decode(one.data[0].b64_json)) == seed_colour(3, "make it green")
+    assert [c["references"] for c in server.pipe.calls[before:]] == [1, 2]
+    assert many.size == "32x32"  # no size given: the first reference's size
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "x", "size": "100x100"}, "size"),
+    ({"prompt": "x", "size": "big"}, "size"),
+    ({"prompt": "x", "size": "32x32", "n": 9}, "n"),
+    ({"prompt": "x", "size": "32x32", "steps": 0}, "steps"),
+    ({"prompt": "x", "size": "32x32", "steps": 500}, "steps"),
+    ({"prompt": "x", "size": "32x32", "loras": ["nope"]}, "loras"),
+    ({"prompt": "", "size": "32x32"}, "prompt"),
+    ({"size": "32x32"}, "prompt"),
+    ({"prompt": "x", "n": "many"}, "n"),
+])
+def test_bad_json_requests_get_a_4xx_naming_the_field(server, body, param):
+    response = httpx.post(server.url + "/v1/images/generations", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_bad_uploads_get_a_4xx(server):
+    url = server.url + "/v1/images/edits"
+    not_image = httpx.post(url, data={"prompt": "x"}, files={"image": ("a.png", b"not a picture", "image/png")})
+    too_big = httpx.post(url, data={"prompt": "x"}, files={"image": ("a.png", b"\0" * 300_000, "image/png")})
+    no_image = httpx.post(url, data={"prompt": "x"}, files={"other": ("a.txt", b"hi", "text/plain")})
+    not_json = httpx.post(server.url + "/v1/images/generations", content=b"{oops", headers={"content-type": "application/json"})
+    assert (not_image.status_code, not_image.json()["error"]["code"]) == (400, "invalid_image")
+    assert (too_big.status_code, too_big.json()["error"]["code"]) == (413, "upload_too_large")
+    assert no_image.status_code == 400 and "reference image" in no_image.json()["error"]["message"]
+    assert not_json.status_code == 400
+    with pytest.raises(openai.BadRequestError, match="size"):
+        client(server).images.generate(prompt="x", size="17x17")
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/files/../queue.jsonl", "/v1/files/..%2fqueue.jsonl", "/v1/files/%2e%2e%2fqueue.jsonl",
+    "/v1/files/%2fetc%2fpasswd", "/v1/files/..%5c..%5cqueue.jsonl", "/v1/files/uploads%2f" + "0" * 32 + ".png",
+    "/v1/files/" + "0" * 32 + "-0.png", "/v1/files/queue.jsonl", "/v1/files/.queue.jsonl",
+])
+def test_files_serves_generated_names_only(server, path):
+    response = httpx.get(server.url + path)
+    assert response.status_code == 404
+    assert "error" in response.json()
+
+
+def test_jobs_api_and_event_stream(server):
+    server.pipe.step_seconds = 0.05  # slow enough that the stream opens before the job ends
+    job = httpx.post(server.url + "/v1/jobs", json={"prompt": "stream me", "size": "32x32", "steps": 4, "seed": 9})
+    assert job.status_code == 202
+    job_id = job.json()["id"]
+    events = []
+    with httpx.stream("GET", f"{server.url}/v1/jobs/{job_id}/events", timeout=10) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    server.pipe.step_seconds = 0.0
+    assert events[-1]["event"] == "done" and events[-1]["state"] == "succeeded"
+    steps = [e["step"] for e in events if e["event"] == "progress"]
+    assert steps == sorted(steps) and steps[-1] == 4
+    state = httpx.get(f"{server.url}/v1/jobs/{job_id}").json()
+    assert state["state"] == "succeeded" and state["progress"] == 1.0
+    assert colour(httpx.get(f"{server.url}/v1/files/{state['files'][0]}").content) == seed_colour(9, "stream me")
+    assert httpx.get(f"{server.url}/v1/jobs/{'f' * 32}").status_code == 404
+
+
+def test_metrics_and_health(server):
+    httpx.post(server.url + "/v1/images/generations", json={"prompt": "m", "size": "32x32", "steps": 2})
+    text = httpx.get(server.url + "/metrics").text
+    assert "featherflux_queue_depth 0" in text
+    assert 'featherflux_jobs{state="succeeded"}' in text
+    assert "featherflux_step_seconds_count" in text and "featherflux_images_per_second" in text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(values["featherflux_images_total"]) >= 1
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert "<form" in httpx.get(server.url + "/").text
+
+
+def test_queue_full_answers_429_with_retry_after_and_cancel_works(tmp_path):
+    pipe = FakePipeline(step_seconds=0.05)
+    app = create_app(pipe, output_dir=tmp_path, max_queue=2, max_batch=1)
+    with LiveServer(app) as live:
+        body = {"prompt": "slow", "size": "32x32", "steps": 100}
+        ids = [httpx.post(live.url + "/v1/jobs", json=body).json()["id"]]
+        while httpx.get(f"{live.url}/v1/jobs/{ids[0]}").json()["state"] != "running":
+            time.sleep(0.02)
+        ids += [httpx.post(live.url + "/v1/jobs", json=body).json()["id"] for _ in range(2)]
+        full = httpx.post(live.url + "/v1/jobs", json=body)
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert full.json()["error"]["code"] == "queue_full"
+        with pytest.raises(openai.RateLimitError):
+            client(live).images.generate(prompt="x", size="32x32")
+        cancelled = [httpx.delete(f"{live.url}/v1/jobs/{i}").json() for i in ids[1:] + ids[:1]]
+        assert [c["state"] for c in cancelled] == ["cancelled", "cancelled", "running"]  # running: at next step
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{live.url}/v1/jobs/{ids[0]}").json()["state"] != "cancelled":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert len(pipe.calls) == 1  # the cancelled waiting jobs never ran
+
+
+def test_api_keys_and_rate_limit(tmp_path):
+    keys = tmp_path / "keys"
+    alice, bob = add_key(keys, "alice"), add_key(keys, "bob")
+    app = create_app(FakePipeline(), output_dir=tmp_path / "out", api_keys=keys, rate_limit=(60.0, 2))
+    with LiveServer(app) as live:
+        body = {"prompt": "k", "size": "32x32", "steps": 1}
+        missing = httpx.post(live.url + "/v1/images/generations", json=body)
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(live, key="ff-wrong").images.generate(prompt="k", size="32x32")
+        job = client(live, key=alice).images.generate(prompt="k", size="32x32", extra_body={"steps": 1})
+        assert len(job.data) == 1
+        job_id = httpx.post(live.url + "/v1/jobs", json=body, headers={"Authorization": f"Bearer {alice}"}).json()["id"]
+        limited = httpx.post(live.url + "/v1/jobs", json=body, headers={"Authorization": f"Bearer {alice}"})
+        assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(limited.headers["retry-after"]) >= 1
+        # bob has his own bucket, and cannot see alice's job
+        assert httpx.get(f"{live.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {bob}"}).status_code == 404
+        assert httpx.get(f"{live.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {alice}"}).status_code == 200
+
+
+def test_sixteen_concurrent_clients_each_get_their_own_picture(tmp_path):
+    pipe = FakePipeline(step_seconds=0.005)
+    app = create_app(pipe, output_dir=tmp_path, max_batch=4)
+    results, errors = {}, []
+    with LiveServer(app) as live:
+        def one(i):
+            try:
+                r = client(live).images.generate(prompt=f"client {i}", size="32x32",
+                                                 extra_body={"seed": 1000 + i, "steps": 3})
+                results[i] = [colour(base64.b64decode(d.b64_json)) for d in r.data]
+            except Exception as e:  # reported below; a thread cannot fail the test by itself
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        counts = httpx.get(live.url + "/health").json()["jobs"]
+    assert errors == []
+    assert results == {i: [seed_colour(1000 + i, f"client {i}")] for i in range(16)}
+    assert counts["succeeded"] == 16
+    assert sum(len(c["prompts"]) for c in pipe.calls) == 16
+    assert max(len(c["prompts"]) for c in pipe.calls) > 1  # some requests shared a call
