@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CONFIG, NativeStub, diffusers_transformer, native_lora_pairs, to_native_weights
+from lora_fixtures import CONFIG, NativeStub, diffusers_transformer, native_lora_pairs, to_native_weights
 from safetensors.torch import save_file
 
 from featherflux.errors import WeightsError
