@@ -1,7 +1,7 @@
 """The demo text encoder's tokenizer: a byte-level BPE over the caption vocabulary, wrapped like Qwen3's.
 
-It is a `Qwen2TokenizerFast` with Qwen's special tokens and a chat template that honours `add_generation_prompt`
-and `enable_thinking`, so the klein prompt-encoding code path runs unchanged on the demo. The BPE is trained
+It is a `Qwen2TokenizerFast` with Qwen's special tokens and a chat template, so the klein prompt-encoding code path
+(chat template, padding to `max_sequence_length`, stacked hidden states) runs unchanged on the demo. The BPE is trained
 until every caption word is one token; captions then tokenize to a fixed layout (same word, same position).
 """
 
@@ -12,18 +12,16 @@ from transformers import Qwen2TokenizerFast
 from featherflux.demo import scenes
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
+# Only the message text and an end marker: every text token costs DiT compute on each step, and the demo has no
+# roles or thinking to mark. `apply_chat_template(..., add_generation_prompt=True, enable_thinking=False)` works.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
 MAX_VOCAB = 384  # the text encoder's embedding rows; the trained BPE is smaller
 
 
 def corpus() -> list[str]:
-    """Every caption the demo knows (the novel colour included, so a LoRA can teach it) plus the template's words."""
+    """Every caption the demo knows, the novel colour included (so a LoRA can teach it)."""
     captions = [s.caption for s in scenes.all_scenes(tuple(scenes.COLORS))]
-    return captions + ["user\n", "assistant\n", "\n\n"]
+    return captions
 
 
 def build_tokenizer() -> Qwen2TokenizerFast:

@@ -211,7 +211,7 @@ FAMILIES: dict[str, FamilyConfig] = {
             head_dim=16,
             vocab_size=384,
             out_layers=(1, 2, 3),
-            max_length=32,
+            max_length=16,
             tie_embeddings=True,
         ),
         default_steps=8,
