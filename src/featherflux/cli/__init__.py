@@ -16,6 +16,8 @@ from featherflux.errors import UserError
 COMMAND_MODULES = [
     "plan",
     "batch",
+    "serve",
+    "keys",
 ]
 
 

@@ -1,0 +1,60 @@
+"""`featherflux serve`: the OpenAI-compatible image server (see `featherflux.serve.api`) over one pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from featherflux.errors import UserError
+
+PLACEMENT = ("vram", "offload", "quantize", "text_encoder")  # passed to load_pipeline only when given
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over HTTP: OpenAI images API, jobs, metrics, web page")
+    p.add_argument("--model", required=True, help="pipeline folder or hub id (in the local cache)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8800)
+    p.add_argument("--api-keys", type=Path, help="keys file made by `featherflux keys add`; without it, no auth")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting jobs before new ones get 429 (default 64)")
+    p.add_argument("--output-dir", type=Path, default=Path("featherflux-outputs"),
+                   help="where images, uploads and the queue file live (default ./featherflux-outputs)")
+    p.add_argument("--max-batch", type=int, default=4, help="images per pipeline call; 1 switches batching off")
+    p.add_argument("--job-timeout", type=float, default=600.0, help="seconds a job may run (default 600)")
+    p.add_argument("--rate-limit", type=float, default=120.0, help="job requests per minute per key (default 120)")
+    p.add_argument("--burst", type=int, default=30, help="job requests a key may make at once (default 30)")
+    p.add_argument("--lora-dir", type=Path, help="folder of *.safetensors LoRAs requests may name (by file stem)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the model's)")
+    p.add_argument("--vram", help="memory budget on the device, e.g. 12GB (placement planner)")
+    p.add_argument("--offload", help="offload mode for modest hardware (see `featherflux generate --help`)")
+    p.add_argument("--quantize", help="weight quantization (see `featherflux generate --help`)")
+    p.add_argument("--text-encoder", help="URL of a `featherflux encode-server` to encode prompts remotely")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from featherflux.pipeline import load_pipeline
+    from featherflux.serve.api import create_app, run_server
+
+    if args.max_queue < 1 or args.max_batch < 1:
+        raise UserError("--max-queue and --max-batch must be at least 1")
+    loras = {}
+    if args.lora_dir is not None:
+        if not args.lora_dir.is_dir():
+            raise UserError(f"--lora-dir {args.lora_dir} is not a folder")
+        loras = {p.stem: p for p in sorted(args.lora_dir.glob("*.safetensors"))}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    placement = {name: getattr(args, name) for name in PLACEMENT if getattr(args, name) is not None}
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, **placement)
+    app = create_app(pipe, api_keys=args.api_keys, max_queue=args.max_queue, output_dir=args.output_dir,
+                     max_batch=args.max_batch, job_timeout=args.job_timeout, rate_limit=(args.rate_limit, args.burst),
+                     loras=loras)
+    print(f"featherflux: serving {args.model} on http://{args.host}:{args.port}/ (images in {args.output_dir})",
+          flush=True)
+    run_server(app, host=args.host, port=args.port)
+    return 0
