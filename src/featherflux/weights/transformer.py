@@ -257,7 +257,10 @@ def _requested(config: str | DiTConfig | None) -> DiTConfig | None:
 
 def _same_architecture(a: DiTConfig, b: DiTConfig) -> bool:
     # RoPE axes and theta cannot be read from weights: a requested config decides them
-    return dataclasses.replace(a, axes_dim=b.axes_dim, theta=b.theta) == b
+    def shape_fields(c: DiTConfig) -> dict:
+        return {k: v for k, v in dataclasses.asdict(c).items() if k not in ("axes_dim", "theta")}
+
+    return shape_fields(a) == shape_fields(b)
 
 
 # --- load / save ----------------------------------------------------------------------------------------------
