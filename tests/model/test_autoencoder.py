@@ -10,34 +10,48 @@ from featherflux.weights.autoencoder import config_from_diffusers, native_from_d
 from featherflux.weights.io import LazyTensor
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKLFlux2  # noqa: E402
-from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline  # noqa: E402
+from diffusers import AutoencoderKLFlux2
+from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
 # (diffusers kwargs, image size (H, W)); the first is diffusers' own pipeline-test VAE.
 CONFIGS = {
     "diffusers-tiny": (
-        dict(
-            block_out_channels=(4,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-            layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        ),
+        {
+            "block_out_channels": (4,),
+            "down_block_types": ("DownEncoderBlock2D",),
+            "up_block_types": ("UpDecoderBlock2D",),
+            "layers_per_block": 1,
+            "latent_channels": 1,
+            "norm_num_groups": 1,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
         (6, 10),
     ),
     "two-levels": (
-        dict(
-            block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2, latent_channels=4, norm_num_groups=4,
-        ),
+        {
+            "block_out_channels": (8, 16),
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "norm_num_groups": 4,
+        },
         (8, 16),
     ),
     "three-levels-no-attention": (
-        dict(
-            block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=2, norm_num_groups=2,
-            mid_block_add_attention=False,
-        ),
+        {
+            "block_out_channels": (8, 16, 16),
+            "down_block_types": ("DownEncoderBlock2D",) * 3,
+            "up_block_types": ("UpDecoderBlock2D",) * 3,
+            "layers_per_block": 1,
+            "latent_channels": 2,
+            "norm_num_groups": 2,
+            "mid_block_add_attention": False,
+        },
         (16, 8),
     ),
-}  # fmt: skip
+}
 
 
 def randomized_vae(**kwargs) -> AutoencoderKLFlux2:

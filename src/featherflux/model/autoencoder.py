@@ -104,9 +104,11 @@ class MidBlock(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: resnet blocks, then an optional down- or upsampler (`down.N` / `up.N` in the checkpoint)."""
+    """One resolution level (`down.N` / `up.N` in the checkpoint): resnet blocks, then an optional resampler."""
 
-    def __init__(self, blocks: list[ResnetBlock], downsample: Downsample | None = None, upsample: Upsample | None = None):
+    def __init__(
+        self, blocks: list[ResnetBlock], downsample: Downsample | None = None, upsample: Upsample | None = None
+    ):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.downsample = downsample
@@ -187,10 +189,7 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         # Holds running_mean / running_var (and num_batches_tracked, which BFL's file carries) for `normalize`.
-        self.bn = nn.BatchNorm2d(
-            config.latent_channels, eps=config.bn_eps, momentum=config.bn_momentum, affine=False,
-            track_running_stats=True,
-        )  # fmt: skip
+        self.bn = nn.BatchNorm2d(config.latent_channels, eps=config.bn_eps, momentum=config.bn_momentum, affine=False)
 
     @property
     def dtype(self) -> torch.dtype:
