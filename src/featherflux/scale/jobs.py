@@ -132,14 +132,17 @@ class Manifest:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.done: dict[str, dict] = {}
-        if self.path.exists():
-            with self.path.open(encoding="utf-8") as f:
-                for text in f:
-                    try:
-                        record = json.loads(text)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a kill: that job simply runs again
-                    self.done[record["id"]] = record
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            # A kill mid-write left half a line: drop it (that job runs again) so appends start on a fresh line.
+            data = data[: data.rfind(b"\n") + 1]
+            with self.path.open("r+b") as f:
+                f.truncate(len(data))
+        for text in data.decode("utf-8").splitlines():
+            record = json.loads(text)
+            self.done[record["id"]] = record
 
     def is_done(self, job: BatchJob, output_dir: Path) -> bool:
         return job.id in self.done and (output_dir / job.file_name).exists()
