@@ -1,0 +1,174 @@
+"""Carrying out a `Plan`: where each component's weights live, and the moves at the pipeline's phase boundaries.
+
+Notable features:
+- `apply_placement(pipe, plan, device)` quantizes (if the plan says so), moves resident parts to the device, swaps
+  streamed blocks or leaves for `StreamedModule`s and returns a `Placement`.
+- Offloaded components move with an explicit `.to()` when their phase starts and back to the host when it ends:
+  `with placement.phase("text_encoder"): ...`, then "dit", then "autoencoder". Nothing happens behind the
+  pipeline's back.
+- A text encoder that is streamed keeps its embedding and norms offloaded (moved in for the phase) and streams its
+  decoder layers; one that is offloaded also goes back to the host once prompts are encoded.
+- `fallback(pipe, placement)` undoes a placement and applies the next plan with a smaller peak, for the pipeline's
+  out-of-memory handler.
+- `mmap_safetensors` maps a checkpoint without reading it: tensors are views of the page cache, so hosts with
+  little RAM can stream weights the kernel pages in on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from featherflux.errors import WeightsError
+from featherflux.memory.planner import Plan
+from featherflux.memory.quant import quantize
+from featherflux.memory.streaming import (
+    DeviceLedger,
+    Streamer,
+    block_entries,
+    leaf_entries,
+    module_bytes,
+    stream_modules,
+    streamed_bytes,
+    unstream,
+)
+
+PHASES = ("text_encoder", "dit", "autoencoder")
+
+
+@dataclass
+class Placement:
+    plan: Plan
+    device: torch.device
+    host: torch.device
+    ledger: DeviceLedger
+    offloaded: dict[str, nn.Module] = field(default_factory=dict)  # moved to the device only for their phase
+    streamers: dict[str, Streamer] = field(default_factory=dict)
+    entries: dict[str, list] = field(default_factory=dict)  # what was swapped, for `undo`
+    fallbacks: list[Plan] = field(default_factory=list)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Bring the component of this phase onto the device for the duration of the block."""
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
+        module = self.offloaded.get(name)
+        nbytes = 0
+        if module is not None:
+            module.to(self.device)
+            nbytes = _resident_bytes(module, self.streamers.get(name))
+            self.ledger.add(nbytes)
+        try:
+            yield
+        finally:
+            if module is not None:
+                module.to(self.host)
+                self.ledger.sub(nbytes)
+
+    def undo(self, pipe) -> None:
+        """Everything back to the host, streamed modules unwrapped (quantization stays)."""
+        for entries in self.entries.values():
+            unstream(entries)
+        for module in _components(pipe).values():
+            module.to(self.host)
+        self.ledger.current = 0
+
+
+def _resident_bytes(module: nn.Module, streamer: Streamer | None) -> int:
+    return module_bytes(module) - (streamed_bytes(streamer) if streamer else 0)
+
+
+def _components(pipe) -> dict[str, nn.Module]:
+    out = {"dit": pipe.transformer, "autoencoder": pipe.autoencoder}
+    encoder_model = getattr(pipe.prompt_encoder, "model", None)  # a remote encoder has no local weights
+    if isinstance(encoder_model, nn.Module):
+        out["text_encoder"] = encoder_model
+    return out
+
+
+def apply_placement(pipe, plan: Plan, device: torch.device | str, ledger: DeviceLedger | None = None,
+                    fallbacks: list[Plan] = (), host: torch.device | str = "cpu") -> Placement:
+    """Place `pipe.transformer`, `pipe.autoencoder` and the prompt encoder's model as `plan` says.
+
+    `host` is where offloaded weights wait: the CPU, or the meta device when only the bytes are being counted."""
+    device = torch.device(device)
+    placement = Placement(plan, device, torch.device(host), ledger or DeviceLedger(), fallbacks=list(fallbacks))
+    components = _components(pipe)
+    if plan.quantize:
+        for name in ("dit", "text_encoder"):  # a second call finds no Linear left to swap
+            if name in components:
+                quantize(components[name], plan.quantize)
+    modes = {"dit": plan.dit, "text_encoder": plan.text_encoder, "autoencoder": plan.autoencoder}
+    for name, module in components.items():
+        mode = modes[name]
+        if mode in ("stream", "sequential"):
+            if name == "dit" and mode == "stream":
+                entries, resident = block_entries([module.double_blocks, module.single_blocks]), plan.dit_resident_blocks
+            elif name == "dit":
+                entries, resident = leaf_entries(module), ()
+            else:
+                entries, resident = block_entries([module.layers]), ()
+            placement.streamers[name] = stream_modules(entries, device, resident, placement.ledger)
+            placement.entries[name] = entries
+        if mode == "offload" or (name == "text_encoder" and mode == "stream"):
+            module.to(host)
+            placement.offloaded[name] = module
+        else:
+            module.to(device)
+            placement.ledger.add(_resident_bytes(module, placement.streamers.get(name)))
+    return placement
+
+
+def fallback(pipe, placement: Placement) -> Placement | None:
+    """After a device out-of-memory error: the next plan with a smaller peak, applied, or None if there is none."""
+    smaller = [p for p in placement.fallbacks if p.peak_vram_bytes < placement.plan.peak_vram_bytes
+               and p.quantize == placement.plan.quantize]
+    if not smaller:
+        return None
+    nxt, rest = smaller[0], smaller[1:]
+    warnings.warn(
+        f"out of device memory with offload={placement.plan.offload!r} (expected peak {placement.plan.peak_vram_gib:.1f} "
+        f"GiB); falling back to offload={nxt.offload!r} (expected peak {nxt.peak_vram_gib:.1f} GiB)",
+        stacklevel=2,
+    )
+    placement.undo(pipe)
+    if placement.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return apply_placement(pipe, nxt, placement.device, placement.ledger, rest, placement.host)
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn,
+              "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+
+
+def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file as views of a private memory map: nothing is read until touched, and the
+    kernel can drop clean pages under memory pressure (they are re-read from disk when needed again)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    start = 8 + n
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {key} has dtype {info['dtype']}, which featherflux cannot map")
+        lo, hi = info["data_offsets"]
+        count = (hi - lo) // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + lo) if count else torch.empty(0, dtype=dtype)
+        out[key] = flat.reshape(info["shape"])
+    return out

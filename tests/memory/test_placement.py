@@ -1,0 +1,149 @@
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from featherflux.memory.offload import apply_placement, fallback, mmap_safetensors
+from featherflux.memory.planner import GiB, Hardware, Plan, pick_resident_blocks, plan, plans
+from featherflux.memory.streaming import DeviceLedger, StreamedModule, block_entries, leaf_entries, module_bytes, stream_modules
+from featherflux.model.config import FAMILIES
+from featherflux.model.dit import Flux2
+from tests.memory.conftest import SMALL_DIT, dit_inputs
+
+
+def small_plan(**kw) -> Plan:
+    base = dict(family="small", offload="blocks", quantize=None, text_encoder="offload", dit="stream",
+                autoencoder="offload", dit_resident_blocks=(), dit_blocks=5, mmap=False, vram_budget_bytes=0,
+                peak_vram_bytes=0, host_bytes=0, seconds_per_step=0.0, copy_seconds_per_step=0.0,
+                seconds_per_image=0.0, fits=True)
+    return Plan(**(base | kw))
+
+
+def fake_pipe(dit, encoder_model=None, autoencoder=None):
+    return SimpleNamespace(transformer=dit, autoencoder=autoencoder or nn.Conv2d(4, 4, 1),
+                           prompt_encoder=SimpleNamespace(model=encoder_model) if encoder_model else object())
+
+
+@pytest.mark.parametrize(("dit_mode", "resident"), [("resident", ()), ("offload", ()), ("stream", ()),
+                                                    ("stream", (0, 3)), ("stream", (1, 2, 4)), ("sequential", ())])
+@torch.no_grad()
+def test_every_placement_gives_exactly_the_resident_output(small_dit, dit_mode, resident):
+    inputs = dit_inputs(SMALL_DIT)
+    reference = small_dit(*inputs)
+    names = set(small_dit.state_dict())
+    dit = copy.deepcopy(small_dit)
+    pipe = fake_pipe(dit)
+    placement = apply_placement(pipe, small_plan(dit=dit_mode, dit_resident_blocks=resident), "cpu")
+    for _ in range(2):  # the second step reuses the prefetch that wrapped around
+        with placement.phase("dit"):
+            assert torch.equal(dit(*inputs), reference)
+    assert set(dit.state_dict()) == names  # streaming keeps parameter names
+    streamed = [m for m in dit.modules() if isinstance(m, StreamedModule)]
+    if dit_mode == "stream":
+        assert len(streamed) == 5 - len(resident)
+    if dit_mode == "sequential":
+        assert all(isinstance(m.block, nn.Linear) for m in streamed) and streamed
+
+
+@torch.no_grad()
+def test_streaming_peak_stays_within_budget_on_a_tiny_model(small_dit):
+    blocks = [module_bytes(b) for b in [*small_dit.double_blocks, *small_dit.single_blocks]]
+    globals_ = module_bytes(small_dit) - sum(blocks)
+    budget = sum(blocks) // 2
+    resident = pick_resident_blocks(blocks, budget)
+    ledger = DeviceLedger()
+    apply_placement(fake_pipe(small_dit), small_plan(dit_resident_blocks=resident), "cpu", ledger)
+    small_dit(*dit_inputs(SMALL_DIT))
+    assert 0 < len(resident) < 5
+    assert ledger.peak <= globals_ + budget + 2 * max(blocks)
+    assert ledger.peak < module_bytes(small_dit)  # never the whole model at once
+    # between steps only the wrapped-around prefetch of the first streamed block stays on the device
+    first_streamed = next(i for i in range(5) if i not in resident)
+    assert ledger.current == globals_ + sum(blocks[i] for i in resident) + blocks[first_streamed]
+
+
+@torch.no_grad()
+def test_out_of_order_calls_still_work(small_dit):
+    entries = block_entries([small_dit.single_blocks])
+    x = torch.randn(1, 8, 128).to(torch.bfloat16)
+    pe = small_dit._pe(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4))
+    mod = torch.randn(1, 1, 384).to(torch.bfloat16)
+    expected = [b(x, pe, mod) for b in small_dit.single_blocks]
+    streamer = stream_modules(entries, "cpu")
+    for i in (2, 0, 1, 1):
+        assert torch.equal(small_dit.single_blocks[i](x, pe, mod), expected[i])
+    assert len(streamer._loaded) <= 1  # at most the prefetch of the next block
+
+
+def _meta_pipe(family):
+    from transformers import MistralConfig, MistralModel, Qwen3Config, Qwen3Model
+
+    from featherflux.model.autoencoder import AutoEncoder
+
+    f = FAMILIES[family]
+    c = f.text_encoder
+    kw = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.layers_needed,
+              num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+              vocab_size=c.vocab_size)
+    with torch.device("meta"):
+        dit = Flux2(f.dit).to(torch.bfloat16)
+        te = (MistralModel(MistralConfig(**kw)) if c.arch == "mistral3" else Qwen3Model(Qwen3Config(**kw))).to(torch.bfloat16)
+        ae = AutoEncoder(f.autoencoder).to(torch.bfloat16)
+    return fake_pipe(dit, te, ae)
+
+
+@pytest.mark.parametrize(("family", "vram", "ram"), [("flux.2-dev", 24, 128), ("klein-4b", 8, 32)])
+@torch.no_grad()
+def test_real_size_byte_accounting_on_meta(family, vram, ram):
+    p = plan(family, vram, ram)
+    pipe = _meta_pipe(family)
+    ledger = DeviceLedger()
+    placement = apply_placement(pipe, p, "meta", ledger, host="meta")
+    hw = Hardware(vram * GiB, ram * GiB)
+    img = (1024 // 16) ** 2
+    x = torch.empty(1, img, 128, device="meta", dtype=torch.bfloat16)
+    ctx = torch.empty(1, 512, FAMILIES[family].dit.context_in_dim, device="meta", dtype=torch.bfloat16)
+    ids = torch.empty(1, img, 4, device="meta"), torch.empty(1, 512, 4, device="meta")
+    with placement.phase("text_encoder"):
+        pipe.prompt_encoder.model(inputs_embeds=torch.empty(1, 512, FAMILIES[family].text_encoder.hidden_size,
+                                                            device="meta", dtype=torch.bfloat16))
+    with placement.phase("dit"):
+        pipe.transformer(x, ids[0], torch.empty(1, device="meta"), ctx, ids[1])
+    with placement.phase("autoencoder"):
+        pass
+    # the weights actually placed never exceed what the planner budgeted for weights
+    assert ledger.peak <= p.peak_vram_bytes - hw.reserve_bytes
+    assert p.peak_vram_bytes <= vram * GiB
+    assert ledger.peak > 0.5 * (vram * GiB - hw.reserve_bytes) or p.dit == "resident"  # and the budget is used
+
+
+def test_fallback_applies_a_smaller_plan(small_dit):
+    candidates = [small_plan(dit="resident", peak_vram_bytes=3), small_plan(dit="stream", peak_vram_bytes=2),
+                  small_plan(dit="sequential", peak_vram_bytes=1)]
+    pipe = fake_pipe(small_dit)
+    placement = apply_placement(pipe, candidates[0], "cpu", fallbacks=candidates[1:])
+    with pytest.warns(UserWarning, match="falling back to"):
+        placement = fallback(pipe, placement)
+    assert placement.plan.dit == "stream" and isinstance(small_dit.single_blocks[0], StreamedModule)
+    with pytest.warns(UserWarning):
+        placement = fallback(pipe, placement)
+    assert placement.plan.dit == "sequential" and fallback(pipe, placement) is None
+    assert torch.equal(small_dit(*dit_inputs(SMALL_DIT)), small_dit(*dit_inputs(SMALL_DIT)))
+
+
+def test_quantized_streaming(small_dit):
+    reference = small_dit(*dit_inputs(SMALL_DIT))
+    apply_placement(fake_pipe(small_dit), small_plan(quantize="int8", dit_resident_blocks=(1,)), "cpu")
+    out = small_dit(*dit_inputs(SMALL_DIT))
+    assert ((out.float() - reference.float()).norm() / reference.float().norm()) < 0.02
+
+
+def test_mmap_safetensors_reads_lazily(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(5, dtype=torch.int64)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    mapped = mmap_safetensors(tmp_path / "w.safetensors")
+    assert all(torch.equal(mapped[k], tensors[k]) for k in tensors)
