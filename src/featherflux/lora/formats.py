@@ -371,7 +371,7 @@ def to_diffusers_state_dict(loras: dict[str, tuple[torch.Tensor, torch.Tensor]],
             up = up.roll(up.shape[0] // 2, 0)
         for module, chunk in targets[native]:
             part_up = up.chunk(chunk[1], 0)[chunk[0]] if chunk else up
-            out[f"transformer.{module}.lora_A.weight"] = down.contiguous()
+            out[f"transformer.{module}.lora_A.weight"] = down.clone()
             out[f"transformer.{module}.lora_B.weight"] = part_up.contiguous()
             names.append(module)
     meta = {"transformer.r": rank, "transformer.lora_alpha": alpha, "transformer.target_modules": sorted(names),

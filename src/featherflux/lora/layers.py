@@ -15,6 +15,8 @@ Design choices:
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,18 +117,25 @@ class LoRALinear(nn.Module):
     def fused(self) -> bool:
         return self.original_weight is not None
 
+    @property
+    def names(self) -> list[str]:
+        return list(self.user_scales)
+
+    def adapter(self, name: str) -> nn.Module:
+        return self.adapters[_key(name)]
+
     def add_adapter(self, name: str, adapter: nn.Module, scale: float = 1.0) -> None:
         if self.fused:
             raise UserError("cannot add a LoRA while LoRAs are fused; call unfuse_lora() first")
-        if name in self.adapters:
+        if _key(name) in self.adapters:
             raise UserError(f"a LoRA named {name!r} is already loaded; pass another name or unload it first")
-        self.adapters[name] = adapter
+        self.adapters[_key(name)] = adapter
         self.user_scales[name] = float(scale)
 
     def remove_adapter(self, name: str) -> None:
         if self.fused:
             raise UserError("cannot unload a LoRA while LoRAs are fused; call unfuse_lora() first")
-        del self.adapters[name]
+        del self.adapters[_key(name)]
         del self.user_scales[name]
 
     def set_scale(self, name: str, scale: float) -> None:
@@ -138,17 +147,17 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.fused:
             return out
-        for name, adapter in self.adapters.items():
-            scale = self.user_scales[name]
+        for name, scale in self.user_scales.items():
             if scale != 0.0:
-                out = out + (adapter(x) * scale).to(out.dtype)
+                out = out + (self.adapters[_key(name)](x) * scale).to(out.dtype)
         return out
 
     def delta_weight(self) -> torch.Tensor:
         """The sum of the active adapters' weight deltas (out, in) in float32."""
         delta = torch.zeros(self.out_features, self.in_features)
-        for name, adapter in self.adapters.items():
-            delta = delta.to(adapter_device(adapter)) + adapter.delta_weight() * self.user_scales[name]
+        for name, scale in self.user_scales.items():
+            adapter = self.adapters[_key(name)]
+            delta = delta.to(adapter_device(adapter)) + adapter.delta_weight() * scale
         return delta
 
     def fuse(self) -> None:
@@ -169,6 +178,11 @@ class LoRALinear(nn.Module):
             return
         self.base.weight.data = self.original_weight
         self.original_weight = None
+
+
+def _key(name: str) -> str:
+    """Adapter names are free text (file names); module keys may not contain dots or shadow nn.Module methods."""
+    return "lora_" + re.sub(r"[^0-9A-Za-z_]", "_", name)
 
 
 def adapter_device(adapter: nn.Module) -> torch.device:

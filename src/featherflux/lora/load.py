@@ -62,14 +62,14 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def lora_names(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for _, module in lora_modules(model):
-        names.update(dict.fromkeys(module.adapters))
+        names.update(dict.fromkeys(module.names))
     return list(names)
 
 
 def set_lora_scale(model: nn.Module, name: str, scale: float) -> None:
     _check_name(model, name)
     for _, module in lora_modules(model):
-        if name in module.adapters:
+        if name in module.names:
             module.set_scale(name, scale)
 
 
@@ -95,7 +95,7 @@ def unload_lora(model: nn.Module, name: str | None = None) -> None:
         _check_name(model, name)
     for module_name, module in list(lora_modules(model)):
         module.unfuse()
-        for adapter in [a for a in module.adapters if name is None or a == name]:
+        for adapter in [a for a in module.names if name is None or a == name]:
             module.remove_adapter(adapter)
         if not module.adapters:
             _set_module(model, module_name, module.base)
