@@ -14,10 +14,12 @@ import sys
 from featherflux.errors import UserError
 
 COMMAND_MODULES = [
+    "train_lora",
     "plan",
     "batch",
     "serve",
     "keys",
+    "eval_demo",
 ]
 
 

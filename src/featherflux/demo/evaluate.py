@@ -224,3 +224,17 @@ def evaluate(
         batch = prompts[start : start + batch_size]
         images.extend(generate([s.caption for s in batch], start))
     return score(images, prompts)
+
+
+def pipeline_generator(pipe, num_inference_steps: int | None = None, seed: int = 0):
+    """Adapt a pipeline to `evaluate`'s `generate(captions, offset)`: image i of a call is seeded `seed + offset + i`."""
+    import torch
+
+    steps = num_inference_steps or pipe.family.default_steps
+
+    def generate(captions: list[str], offset: int) -> list[Image.Image]:
+        generators = [torch.Generator().manual_seed(seed + offset + i) for i in range(len(captions))]
+        size = scenes.IMAGE_SIZE
+        return pipe(prompt=captions, height=size, width=size, num_inference_steps=steps, generator=generators).images
+
+    return generate
