@@ -101,7 +101,7 @@ def apply_placement(pipe, plan: Plan, device: torch.device | str, ledger: Device
     device = torch.device(device)
     placement = Placement(plan, device, torch.device(host), ledger or DeviceLedger(), fallbacks=list(fallbacks))
     components = _components(pipe)
-    if plan.quantize:
+    if plan.quantize in ("int8", "fp8", "nf4"):  # GGUF plans come with their DiT already quantized
         for name in ("dit", "text_encoder"):  # a second call finds no Linear left to swap
             if name in components:
                 quantize(components[name], plan.quantize)

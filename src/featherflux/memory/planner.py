@@ -249,14 +249,15 @@ def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, w
     if quant == "fp8" and hw.fp8_matmul:
         dit_flops /= 2  # fp8 tensor cores run twice the bf16 rate
     d, m = family.dit.hidden_size, family.dit.mlp_hidden_dim
+    te_quant = quant if quant in QUANTIZE_MODES else None  # a GGUF file quantizes only the DiT
     return _Sizes(
         dit=dw.total.nbytes(quant),
         dit_globals=dw.globals.nbytes(quant),
         dit_blocks=dw.block_bytes(quant),
         dit_largest_leaf=int(d * (3 * d + 2 * m) * sizes.QUANT_BYTES[quant]),
-        te=te.nbytes(quant),
-        te_layer=te_layer.nbytes(quant),
-        te_other=te.nbytes(quant) - family.text_encoder.layers_needed * te_layer.nbytes(quant),
+        te=te.nbytes(te_quant),
+        te_layer=te_layer.nbytes(te_quant),
+        te_other=te.nbytes(te_quant) - family.text_encoder.layers_needed * te_layer.nbytes(te_quant),
         ae=sizes.autoencoder_weights(family.autoencoder).nbytes(),
         act_dit=sizes.dit_activation_bytes(family.dit, img_tokens, txt, batch),
         act_te=sizes.text_encoder_activation_bytes(family.text_encoder, txt, batch),

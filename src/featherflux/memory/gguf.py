@@ -1,0 +1,234 @@
+"""GGUF checkpoints (as ComfyUI-GGUF users have them): quantized blocks kept as they are, dequantised per layer.
+
+Notable features:
+- city96's FLUX GGUF files store the DiT under BFL's names (`double_blocks.0.img_attn.qkv.weight`, ...), which
+  are our native names; a `model.diffusion_model.` / `diffusion_model.` prefix is stripped if present. GGUF lists
+  dimensions innermost first, so shapes are reversed; ComfyUI's `comfy.gguf.orig_shape.<name>` metadata wins.
+- Each quantized Linear becomes a `GGUFLinear` holding the raw block bytes (uint8 rows) and the format id; its
+  forward dequantises with torch ops on whatever device the bytes are on, then runs an ordinary matmul in the
+  activation dtype. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K have torch kernels; other formats fall back
+  to the `gguf` package's numpy dequantiser (CPU only, slow but correct).
+- Unquantized tensors (F32/F16/BF16 norms, small layers) are converted to the model dtype at load time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from featherflux.errors import WeightsError
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise WeightsError("reading .gguf files needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+# ------------------------------------------------------------------------------------------- torch dequantisers
+# Each takes raw blocks (n_blocks, block_bytes) uint8 and returns (n_blocks, block_size) float32.
+
+
+def _f16(raw: Tensor) -> Tensor:
+    return raw.contiguous().view(torch.float16).float()
+
+
+def _q8_0(b: Tensor) -> Tensor:
+    return _f16(b[:, :2]) * b[:, 2:].contiguous().view(torch.int8).float()
+
+
+def _nibbles(qs: Tensor) -> Tensor:
+    """16 bytes -> 32 values: all low nibbles first, then all high nibbles (ggml's Q4/Q5 order)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _high_bits(qh: Tensor) -> Tensor:
+    """4 bytes (a little-endian uint32) -> 32 bits, bit j for value j."""
+    bits = torch.arange(8, device=qh.device, dtype=torch.uint8)
+    return ((qh[:, :, None] >> bits) & 1).reshape(qh.shape[0], 32)
+
+
+def _q4_0(b: Tensor) -> Tensor:
+    return _f16(b[:, :2]) * (_nibbles(b[:, 2:]).float() - 8)
+
+
+def _q4_1(b: Tensor) -> Tensor:
+    return _f16(b[:, :2]) * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])
+
+
+def _q5_0(b: Tensor) -> Tensor:
+    q = _nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)
+    return _f16(b[:, :2]) * (q.float() - 16)
+
+
+def _q5_1(b: Tensor) -> Tensor:
+    q = _nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)
+    return _f16(b[:, :2]) * q.float() + _f16(b[:, 2:4])
+
+
+def _k_scales(s: Tensor) -> tuple[Tensor, Tensor]:
+    """12 bytes -> 8 six-bit scales and 8 six-bit mins (ggml's get_scale_min_k4)."""
+    lo_sc, lo_m, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([lo_sc & 63, (hi & 0x0F) | ((lo_sc >> 6) << 4)], dim=1)
+    mn = torch.cat([lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)], dim=1)
+    return sc.float(), mn.float()
+
+
+def _q4_k(b: Tensor) -> Tensor:
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _k_scales(b[:, 4:16])
+    qs = b[:, 16:144].reshape(-1, 4, 32)  # 4 chunks of 64 values: low nibbles then high nibbles
+    q = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32).float()
+    return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]).reshape(-1, 256)
+
+
+def _q5_k(b: Tensor) -> Tensor:
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _k_scales(b[:, 4:16])
+    qh = b[:, 16:48]  # bit 2j / 2j+1 of byte l: high bit of value l in sub-block 2j / 2j+1
+    qs = b[:, 48:176].reshape(-1, 4, 32)
+    low = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(-1, 8, 32)
+    bits = torch.arange(8, device=b.device, dtype=torch.uint8)
+    high = ((qh[:, None, :] >> bits[None, :, None]) & 1) << 4  # (n, 8 sub-blocks, 32)
+    q = (low | high).float()
+    return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]).reshape(-1, 256)
+
+
+def _q6_k(b: Tensor) -> Tensor:
+    ql = b[:, 0:128].reshape(-1, 2, 64)  # two halves of 128 values
+    qh = b[:, 128:192].reshape(-1, 2, 32)
+    sc = b[:, 192:208].contiguous().view(torch.int8).float().reshape(-1, 2, 8)
+    d = _f16(b[:, 208:210])
+    q = torch.stack([
+        (ql[:, :, :32] & 0x0F) | ((qh & 3) << 4),
+        (ql[:, :, 32:] & 0x0F) | (((qh >> 2) & 3) << 4),
+        (ql[:, :, :32] >> 4) | (((qh >> 4) & 3) << 4),
+        (ql[:, :, 32:] >> 4) | (((qh >> 6) & 3) << 4),
+    ], dim=2).float() - 32  # (n, 2 halves, 4 quarters, 32)
+    scale = sc.reshape(-1, 2, 4, 2)[..., None].expand(-1, -1, -1, -1, 16).reshape(-1, 2, 4, 32)  # 16 values per scale
+    return (d[:, :, None, None] * scale * q).reshape(-1, 256)
+
+
+_TORCH_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
+                  "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+
+
+def dequantize(raw: Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Raw GGUF bytes (rows of uint8 blocks) of format `qtype` -> a tensor of `shape` in `dtype`."""
+    gguf = _gguf()
+    kind = gguf.GGMLQuantizationType(qtype)
+    block_size, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    fn = _TORCH_DEQUANT.get(kind.name)
+    if fn is None:
+        values = gguf.quants.dequantize(raw.cpu().numpy(), kind)
+        return torch.from_numpy(np.ascontiguousarray(values)).to(raw.device, dtype).reshape(shape)
+    return fn(raw.reshape(-1, block_bytes)).to(dtype).reshape(shape)
+
+
+class GGUFLinear(nn.Module):
+    """A Linear whose weight is kept as GGUF blocks: `weight` (out, bytes per row) uint8 and the format id."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: int, row_bytes: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        self.register_buffer("weight", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, dequantize(self.weight, self.qtype, (self.out_features, self.in_features), x.dtype))
+
+
+# ------------------------------------------------------------------------------------------------ reading files
+
+
+def _strip(name: str) -> str:
+    for p in PREFIXES:
+        if name.startswith(p):
+            return name[len(p) :]
+    return name
+
+
+def _orig_shapes(reader) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("comfy.gguf.orig_shape."):
+            out[key.removeprefix("comfy.gguf.orig_shape.")] = tuple(int(field.parts[i][0]) for i in field.data)
+    return out
+
+
+def _read(path: Path):
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError / struct errors on damaged files
+        raise WeightsError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+    orig = _orig_shapes(reader)
+    return gguf, reader, orig
+
+
+def gguf_summary(path: str | Path) -> tuple[dict[str, tuple[int, ...]], str | None]:
+    """Tensor shapes (torch order, prefixes stripped) and the most common quantized format, e.g. "q4_k"."""
+    gguf, reader, orig = _read(Path(path))
+    shapes, kinds = {}, Counter()
+    for t in reader.tensors:
+        shapes[_strip(t.name)] = orig.get(t.name, tuple(int(n) for n in reversed(t.shape.tolist())))
+        kind = gguf.GGMLQuantizationType(t.tensor_type)
+        if kind.name not in ("F32", "F16", "BF16"):
+            kinds[kind.name.lower()] += int(t.n_bytes)
+    return shapes, (kinds.most_common(1)[0][0] if kinds else None)
+
+
+def load_gguf_transformer(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
+    """A `Flux2` DiT from a GGUF file: quantized Linear weights stay quantized (`GGUFLinear`), the rest in `dtype`."""
+    from featherflux.memory.planner import _dit_from_keys, _family_for_dit
+    from featherflux.model.dit import Flux2
+
+    path = Path(path)
+    gguf, reader, orig = _read(path)
+    shapes, _ = gguf_summary(path)
+    config = _family_for_dit(_dit_from_keys(shapes)).dit
+    with torch.device("meta"):
+        model = Flux2(config)
+    expected = dict(model.state_dict())
+    found = {_strip(t.name): t for t in reader.tensors}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise WeightsError(f"{path} does not match the {config.hidden_size}-wide FLUX.2 DiT: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    for name, t in found.items():
+        kind = gguf.GGMLQuantizationType(t.tensor_type)
+        raw = torch.from_numpy(np.array(t.data))  # a copy out of the reader's memory map
+        shape = tuple(expected[name].shape)
+        if kind.name in ("F32", "F16", "BF16"):
+            value = raw.view(torch.bfloat16) if kind.name == "BF16" else raw
+            _assign(model, name, value.reshape(shape).to(device, dtype))
+            continue
+        module_name = name.removesuffix(".weight")
+        linear = model.get_submodule(module_name)
+        if not isinstance(linear, nn.Linear) or not name.endswith(".weight"):
+            _assign(model, name, dequantize(raw, t.tensor_type, shape, dtype).to(device))
+            continue
+        q = GGUFLinear(linear.in_features, linear.out_features, int(t.tensor_type), raw.shape[-1] if raw.ndim == 2
+                       else raw.numel() // linear.out_features, device="meta")
+        q.weight = raw.reshape(linear.out_features, -1).to(device)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    return model
+
+
+def _assign(model: nn.Module, name: str, value: Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
