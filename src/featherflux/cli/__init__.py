@@ -14,6 +14,8 @@ import sys
 from featherflux.errors import UserError
 
 COMMAND_MODULES = [
+    "generate",
+    "info",
     "train_lora",
     "plan",
     "batch",

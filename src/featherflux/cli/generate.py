@@ -1,0 +1,103 @@
+"""`featherflux generate PROMPT [--model M] [--image REF]... [-o OUT.png]`: text to image, or editing from references.
+
+Each PNG carries what reproduces it (prompt, model, seed, size, steps, guidance, references) in text chunks; with
+`--num-images K`, image i is seeded `seed + i`, so any one of them can be re-made alone with its own seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from featherflux.errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate images from a prompt (and optional reference images)")
+    p.add_argument("prompt")
+    p.add_argument("--model", help="pipeline folder, hub repo id in the local HF cache, or 'demo' (default: demo)")
+    p.add_argument("--image", action="append", default=[], metavar="REF",
+                   help="reference image to edit from; repeat for up to 10")
+    p.add_argument("--width", type=int, help="default: the first reference's width, else the model's default")
+    p.add_argument("--height", type=int, help="default: the first reference's height, else the model's default")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the PNG)")
+    p.add_argument("--num-images", type=int, default=1, metavar="K")
+    p.add_argument("-o", "--output", help="output PNG (default: featherflux-SEED.png); K > 1 adds -0, -1, ...")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
+    p.set_defaults(func=run)
+
+
+def output_paths(output: str | None, seed: int, count: int) -> list[Path]:
+    path = Path(output or f"featherflux-{seed}.png")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"output {path} must end in .png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def _note(message, category, filename, lineno, file=None, line=None):
+    print(f"featherflux: note: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    from featherflux.images import open_reference_image, save_png
+    from featherflux.loading import demo_folder
+    from featherflux.pipeline import load_pipeline
+
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    model = args.model
+    if model is None:
+        if not (demo_folder() / "model_index.json").is_file():
+            raise UserError("no --model given and the demo model is not installed; pass --model PATH_OR_REPO_ID")
+        model = "demo"
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    paths = output_paths(args.output, seed, args.num_images)
+    references = [open_reference_image(p) for p in args.image]  # bad files fail before the model loads
+    with warnings.catch_warnings():
+        warnings.showwarning = _note
+        warnings.simplefilter("default", UserWarning)
+        try:
+            pipe = load_pipeline(model, device=args.device, dtype=DTYPES.get(args.dtype))
+            steps = args.steps or pipe.family.default_steps
+            guidance = pipe.family.default_guidance if args.guidance is None else args.guidance
+            images = pipe(
+                prompt=args.prompt,
+                image=references or None,
+                width=args.width,
+                height=args.height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)],
+                num_images_per_prompt=args.num_images,
+            ).images
+            for i, (image, path) in enumerate(zip(images, paths)):
+                parameters = {
+                    "prompt": args.prompt,
+                    "model": str(model),
+                    "seed": seed + i,
+                    "width": image.width,
+                    "height": image.height,
+                    "steps": steps,
+                    "guidance": guidance,
+                    "references": [str(p) for p in args.image],
+                    "software": "featherflux",
+                }
+                save_png(image, path, parameters)
+                print(path)
+        except UserError:
+            raise
+        except (OSError, ValueError, RuntimeError) as e:  # one line for the user, never a traceback
+            raise UserError(f"{type(e).__name__}: {e}") from None
+    return 0

@@ -1,0 +1,124 @@
+"""`featherflux info MODEL`: what a checkpoint is, from its configs and safetensors headers only (no weights read).
+
+For each component: parameter count, bytes on disk per dtype, and for the text encoder the part featherflux
+actually loads (decoder layers up to the last stacked one; no vision tower, no LM head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featherflux.errors import WeightsError
+
+COMPONENTS = ("transformer", "vae", "text_encoder")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "lm_head.")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="family, parameter counts, dtypes and sizes of a model, without loading it")
+    p.add_argument("model", help="pipeline folder, hub repo id in the local HF cache, 'demo', or a .safetensors file")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=run)
+
+
+@dataclass
+class Tally:
+    params: int = 0
+    bytes: int = 0
+    dtypes: Counter = field(default_factory=Counter)  # dtype -> bytes
+
+    def add(self, shape: list[int], dtype: str, nbytes: int) -> None:
+        n = 1
+        for d in shape:
+            n *= d
+        self.params += n
+        self.bytes += nbytes
+        self.dtypes[dtype] += nbytes
+
+    def as_dict(self) -> dict:
+        return {"params": self.params, "bytes": self.bytes, "dtypes": dict(self.dtypes)}
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}}."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def tally(files: list[Path], keep=lambda name: True) -> Tally:
+    t = Tally()
+    for path in files:
+        for name, entry in read_header(path).items():
+            if keep(name):
+                begin, end = entry["data_offsets"]
+                t.add(entry["shape"], entry["dtype"], end - begin)
+    return t
+
+
+def summarize(model: str) -> dict:
+    from featherflux.loading import build_family, resolve_model_path, variant_of
+
+    if Path(model).is_file():
+        return {"model": model, "components": {"file": tally([Path(model)]).as_dict()}}
+    folder, model_id = resolve_model_path(model)
+    variant = variant_of(folder)
+    family = build_family(folder, variant)
+    out = {"model": model_id, "variant": variant, "family": family.name, "components": {}}
+    for name in COMPONENTS:
+        files = sorted((folder / name).glob("*.safetensors"))
+        if not files:
+            raise WeightsError(f"{folder / name} has no .safetensors files")
+        out["components"][name] = tally(files).as_dict()
+    used = max(family.text_encoder.out_layers)
+
+    def loaded(key: str) -> bool:
+        m = _LAYER.search(key)
+        return not key.startswith(_NOT_TEXT) and (m is None or int(m.group(1)) < used)
+
+    files = sorted((folder / "text_encoder").glob("*.safetensors"))
+    out["components"]["text_encoder"]["loaded"] = tally(files, loaded).as_dict()
+    out["text_encoder_layers"] = {"stacked": list(family.text_encoder.out_layers),
+                                  "total": family.text_encoder.num_layers}
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    info = summarize(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model:   {info['model']}")
+    if "family" in info:
+        print(f"family:  {info['family']} ({info['variant']})")
+    for name, c in info["components"].items():
+        dtypes = ", ".join(f"{d} {_size(b)}" for d, b in c["dtypes"].items())
+        print(f"{name:12} {c['params']:>16,} params  {_size(c['bytes']):>11}  [{dtypes}]")
+        if "loaded" in c:
+            layers = info["text_encoder_layers"]
+            print(f"{'  loaded':12} {c['loaded']['params']:>16,} params  {_size(c['loaded']['bytes']):>11}  "
+                  f"(layers 1-{max(layers['stacked'])} of {layers['total']}; stacks {layers['stacked']})")
+    return 0
+
