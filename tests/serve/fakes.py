@@ -71,3 +71,18 @@ class LiveServer:
         self.app.state.queue.stop_accepting()
         self.server.should_exit = True
         self.thread.join(30)
+
+
+if __name__ == "__main__":  # a server over the fake pipeline in its own process, for shutdown/restart tests
+    import argparse
+    from pathlib import Path
+
+    from featherflux.serve.api import create_app, run_server
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--step-seconds", type=float, default=0.05)
+    args = parser.parse_args()
+    run_server(create_app(FakePipeline(step_seconds=args.step_seconds), output_dir=args.output_dir, max_batch=1),
+               port=args.port)

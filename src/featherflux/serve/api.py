@@ -352,9 +352,9 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
                 event = {"event": "done" if job.state in FINISHED else job.state} | job.public()
                 while True:
                     yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
-                    if event["event"] in ("done", "shutdown") or not queue.accepting:
+                    if event["event"] in ("done", "shutdown"):
                         return
-                    event = await events.get()
+                    event = await events.get() if queue.accepting else {"event": "shutdown", "id": job.id}
             finally:
                 unsubscribe()
 

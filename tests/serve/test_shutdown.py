@@ -1,0 +1,66 @@
+"""SIGTERM with jobs in flight, then a restart on the same output folder: every accepted job completes once."""
+
+import io
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from PIL import Image
+
+from tests.serve.fakes import free_port, seed_colour
+
+
+def start(output_dir, port):
+    process = subprocess.Popen([sys.executable, "-m", "tests.serve.fakes", "--port", str(port), "--output-dir",
+                                str(output_dir), "--step-seconds", "0.05"])
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, "server exited"
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health")
+            return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
+def test_sigterm_keeps_every_accepted_job_and_a_restart_finishes_them(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start(tmp_path, port)
+    try:
+        with httpx.Client() as http:
+            ids = [http.post(url + "/v1/jobs", json={"prompt": f"job {i}", "size": "32x32", "steps": 20, "seed": i}
+                             ).json()["id"] for i in range(4)]
+            while http.get(f"{url}/v1/jobs/{ids[0]}").json()["state"] == "queued":
+                time.sleep(0.02)
+        with httpx.stream("GET", f"{url}/v1/jobs/{ids[-1]}/events", timeout=10) as stream:
+            lines = stream.iter_lines()
+            assert next(lines) == "event: queued"
+            server.send_signal(signal.SIGTERM)
+            events = [line for line in lines if line.startswith("event: ")]
+        assert events == ["event: shutdown"]  # open streams end instead of holding the shutdown up
+        assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    finally:
+        server.kill()
+    saved = (tmp_path / "queue.jsonl").read_text().splitlines()
+    assert len(saved) == 4
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start(tmp_path, port)
+    try:
+        deadline = time.monotonic() + 30
+        while any(httpx.get(f"{url}/v1/jobs/{i}").json()["state"] != "succeeded" for i in ids):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for n, job_id in enumerate(ids):
+            job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+            assert len(job["files"]) == 1
+            png = httpx.get(f"{url}/v1/files/{job['files'][0]}").content
+            assert Image.open(io.BytesIO(png)).getpixel((0, 0)) == seed_colour(n, f"job {n}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
