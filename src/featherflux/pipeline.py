@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from featherflux.errors import UserError
 from featherflux.images import open_reference_image, postprocess, reference_tensor
+from featherflux.memory import phase, place_pipeline, retry_on_oom  # MEM: placement hooks
 from featherflux.model.config import FamilyConfig
 from featherflux.sampling import euler_step, get_schedule, image_ids, initial_noise, pack, reference_ids, text_ids, unpack
 
@@ -78,6 +79,7 @@ class Flux2Pipeline:
         self.kv_references = kv_references
         self.model_id = model_id
         self.device = torch.device(device)  # where the denoising runs
+        self.placement = None  # MEM: featherflux.memory.Placement set by place_pipeline (None: all on `device`)
 
     @property
     def true_cfg(self) -> bool:
@@ -205,13 +207,19 @@ class Flux2Pipeline:
     # phases
 
     def generate(self, request: Request):
+        return retry_on_oom(self, self._generate, request)  # MEM: a device OOM moves to the next memory plan
+
+    def _generate(self, request: Request):
         embeds, negative = self.encode_prompt(request)
         batch = embeds.shape[0]
-        ref_tokens, ref_ids = self.encode_references(request.references, batch)
+        with phase(self, "autoencoder"):  # MEM: phase boundaries move offloaded components
+            ref_tokens, ref_ids = self.encode_references(request.references, batch)
         h, w = request.height // self._multiple, request.width // self._multiple
         noise = self.prepare_latents(request, batch, h, w, embeds.dtype)
-        latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids)
-        return self.decode(latents, h, w, request.output_type)
+        with phase(self, "dit"):
+            latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids)
+        with phase(self, "autoencoder"):
+            return self.decode(latents, h, w, request.output_type)
 
     def encode_prompt(self, request: Request) -> tuple[Tensor, Tensor | None]:
         """(B * num_images_per_prompt, L, ctx) prompt embeddings, and the negative ones when true CFG runs."""
@@ -324,18 +332,27 @@ class Flux2Pipeline:
 
 
 def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                  prompt_encoder=None, text_encoder_out_layers: tuple[int, ...] | None = None) -> Flux2Pipeline:
+                  prompt_encoder=None, text_encoder_out_layers: tuple[int, ...] | None = None,
+                  vram: str | int | None = None, ram: str | int | None = None, offload: str | None = None,
+                  quantize: str | None = None, embed_cache: str | Path | None = None) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline from a diffusers-layout folder (with model_index.json), a hub repo id already in the
     local Hugging Face cache, or "demo" (the small model shipped with featherflux).
 
     `dtype=None` keeps each checkpoint's dtype. `prompt_encoder` replaces the local text encoder (e.g. a remote
     one); then `text_encoder/` is not read. `text_encoder_out_layers` overrides the family's stacked layers (for
     custom checkpoints whose encoder is shallower than the family's).
+
+    Memory (featherflux.memory): on CUDA, or when `vram`, `offload` or `quantize` is given, the weights are loaded
+    on the host and placed by the planner: `vram`/`ram` budgets ("24GiB"; detected when None), `offload` None
+    (planner's choice) | "model" | "blocks" | "sequential", `quantize` None (planner's choice) | "int8" | "fp8" |
+    "nf4". `embed_cache` is a folder of cached prompt embeddings.
     """
     from featherflux.loading import build_family, component, resolve_model_path, variant_of
     from featherflux.text_encoder import load_prompt_encoder
     from featherflux.weights import load_autoencoder, load_transformer
 
+    placed = torch.device(device).type == "cuda" or any(v is not None for v in (vram, offload, quantize))  # MEM
+    target, device = device, ("cpu" if placed else device)
     folder, model_id = resolve_model_path(path_or_repo_id)
     variant = variant_of(folder)
     family = build_family(folder, variant, text_encoder_out_layers, with_text_encoder=prompt_encoder is None)
@@ -346,5 +363,8 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
             component(folder, "text_encoder"), component(folder, "tokenizer"), out_layers=family.text_encoder.out_layers,
             family=family.name, model_id=model_id, device=device, dtype=dtype,
         )
-    return Flux2Pipeline(transformer, autoencoder, prompt_encoder, family, kv_references=variant == "klein-kv",
-                         model_id=model_id, device=device)
+    pipe = Flux2Pipeline(transformer, autoencoder, prompt_encoder, family, kv_references=variant == "klein-kv",
+                         model_id=model_id, device=target)
+    if placed or embed_cache is not None:  # MEM: plan and place on the target device
+        place_pipeline(pipe, target, vram=vram, ram=ram, offload=offload, quantize=quantize, embed_cache=embed_cache)
+    return pipe

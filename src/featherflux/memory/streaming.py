@@ -119,7 +119,7 @@ class StreamedModule(nn.Module):
     """
 
     def __init__(self, block: nn.Module, streamer: Streamer):
-        super().__init__()
+        nn.Module.__init__(self)  # not the block class's __init__: the state is the block's
         self.__dict__["block"] = block
         self.__dict__["streamer"] = streamer
         self._modules = block._modules
@@ -142,6 +142,18 @@ class StreamedModule(nn.Module):
             return functional_call(self.block, tensors, args, kwargs, strict=True)
         finally:
             self.streamer.release(self.index)
+
+
+_STREAMED_CLASSES: dict[type, type] = {}
+
+
+def streamed(block: nn.Module, streamer: Streamer) -> StreamedModule:
+    """A `StreamedModule` that is also an instance of the block's class, so code that finds layers by class
+    (transformers records `hidden_states` from its decoder-layer class) still finds them."""
+    cls = type(block)
+    if cls not in _STREAMED_CLASSES:
+        _STREAMED_CLASSES[cls] = type(f"Streamed{cls.__name__}", (StreamedModule, cls), {})
+    return _STREAMED_CLASSES[cls](block, streamer)
 
 
 def _pin(module: nn.Module) -> None:
@@ -178,7 +190,7 @@ def stream_modules(
             module.to("cpu")
         if pin:
             _pin(module)
-        parent._modules[name] = StreamedModule(module, streamer)
+        parent._modules[name] = streamed(module, streamer)
     return streamer
 
 

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from featherflux.memory import PlacedPromptEncoder, apply_placement
+from featherflux.memory.streaming import StreamedModule
+from featherflux.pipeline import load_pipeline
+from tests.memory.test_placement import small_plan
+from tests.tiny import tiny_pipeline_dir
+
+CALL = dict(prompt="a dog is dancing", height=64, width=64, num_inference_steps=2, seed=0, output_type="pt",
+            show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def klein_dir(tmp_path_factory):
+    return tiny_pipeline_dir("klein", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def reference(klein_dir):
+    return load_pipeline(klein_dir)(**CALL).images
+
+
+@pytest.mark.parametrize("offload", ["model", "blocks", "sequential"])
+def test_load_pipeline_placements_give_the_resident_image(klein_dir, reference, offload):
+    pipe = load_pipeline(klein_dir, offload=offload)
+    assert pipe.placement.plan.offload == offload
+    assert torch.equal(pipe(**CALL).images, reference)
+
+
+def test_streamed_text_encoder_and_dit_inside_the_pipeline(klein_dir, reference):
+    pipe = load_pipeline(klein_dir)
+    pipe.placement = apply_placement(pipe, small_plan(text_encoder="stream", dit="stream", dit_resident_blocks=(0,)),
+                                     "cpu")
+    pipe.prompt_encoder = PlacedPromptEncoder(pipe.prompt_encoder, pipe)
+    assert all(isinstance(layer, StreamedModule) for layer in pipe.prompt_encoder.model.layers)
+    assert torch.equal(pipe(**CALL).images, reference)
+    assert pipe.placement.ledger.peak < sum(p.numel() * p.element_size() for p in pipe.transformer.parameters()) + \
+        sum(p.numel() * p.element_size() for p in pipe.prompt_encoder.model.parameters())
+
+
+def test_embedding_cache_never_wakes_the_encoder_twice(klein_dir, reference, tmp_path):
+    pipe = load_pipeline(klein_dir, embed_cache=tmp_path / "cache")
+    assert torch.equal(pipe(**CALL).images, reference)
+    assert (pipe.prompt_encoder.hits, pipe.prompt_encoder.misses) == (0, 1)
+    again = load_pipeline(klein_dir, embed_cache=tmp_path / "cache")
+
+    def asleep(*args, **kwargs):
+        raise AssertionError("the text encoder ran for a cached prompt")
+
+    again.prompt_encoder.encoder.encode = asleep
+    assert torch.equal(again(**CALL).images, reference)
+    assert again.prompt_encoder.hits == 1
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1 and not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_cache_key_separates_settings(klein_dir, tmp_path):
+    pipe = load_pipeline(klein_dir, embed_cache=tmp_path)
+    cache = pipe.prompt_encoder
+    assert cache.path("a", 512, None) != cache.path("a", 256, None) != cache.path("b", 512, None)
+    assert cache.path("a", 512, None) != cache.path("a", 512, (1, 2, 3))
+    cache.path("a", 512, None).write_bytes(b"torn")  # an unreadable entry is a miss, then rewritten
+    out = cache.encode(["a"], 512)
+    assert cache.misses == 1 and torch.equal(cache.encode(["a"], 512), out)
+
+
+def test_out_of_memory_falls_back_to_the_next_plan(klein_dir, reference):
+    pipe = load_pipeline(klein_dir, vram="1000GiB", quantize="int8")
+    first = pipe.placement.plan
+    forward = pipe.transformer.forward
+    calls = []
+
+    def oom_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    pipe.transformer.forward = oom_once
+    with pytest.warns(UserWarning, match="falling back"):
+        pipe(**CALL)
+    assert pipe.placement.plan.peak_vram_bytes < first.peak_vram_bytes
