@@ -1,0 +1,69 @@
+"""`featherflux generate` and `featherflux info` on a tiny pipeline saved to disk."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featherflux.cli import main
+from featherflux.images import read_png_parameters
+from tests.tiny import tiny_pipeline_dir
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(tiny_pipeline_dir("klein", tmp_path_factory.mktemp("tiny")))
+
+
+def pixels(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)
+
+
+def test_generate_writes_png_whose_metadata_reproduces_it(model, tmp_path, capsys):
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(ref)
+    out = tmp_path / "out.png"
+    args = ["generate", "a dog is dancing", "--model", model, "--image", str(ref), "--steps", "2", "--seed", "7",
+            "--num-images", "2", "-o", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    first, second = tmp_path / "out-0.png", tmp_path / "out-1.png"
+    assert capsys.readouterr().out.split() == [str(first), str(second)]
+    meta = read_png_parameters(second)
+    assert meta["seed"] == 8 and meta["width"] == 80 and meta["height"] == 64  # size from the reference
+    with Image.open(second) as img:
+        assert img.size == (80, 64) and img.text["prompt"] == "a dog is dancing" and img.text["steps"] == "2"
+    again = tmp_path / "again.png"
+    rerun = ["generate", meta["prompt"], "--model", meta["model"], "--steps", str(meta["steps"]),
+             "--guidance", str(meta["guidance"]), "--seed", str(meta["seed"]), "--width", str(meta["width"]),
+             "--height", str(meta["height"]), "-o", str(again), "--device", "cpu"]
+    for r in meta["references"]:
+        rerun += ["--image", r]
+    assert main(rerun) == 0
+    assert np.abs(pixels(again) - pixels(second)).max() <= 1  # batch of 2 vs alone: same noise, same picture
+    assert not np.array_equal(pixels(first), pixels(second))
+
+
+def test_generate_errors_are_one_line_and_leave_no_png(model, tmp_path, capsys):
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "never.png"
+    assert main(["generate", "x", "--model", model, "--image", str(bad), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt.jpg" in err[0] and err[0].startswith("featherflux: error:")
+    assert main(["generate", "x", "--model", model, "--width", "32", "-o", str(out), "--steps", "1"]) == 2
+    assert ">= 64 px" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", str(tmp_path / "nowhere"), "-o", str(out)]) == 2
+    assert list(tmp_path.glob("*.png")) == [] and list(tmp_path.glob(".*")) == []
+
+
+def test_info_reads_headers_only(model, capsys):
+    assert main(["info", model, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "custom-klein" and info["variant"] == "klein"
+    te = info["components"]["text_encoder"]
+    assert 0 < te["loaded"]["params"] < te["params"]  # layer 28 and the LM head are not loaded
+    assert info["components"]["transformer"]["dtypes"] == {"F32": info["components"]["transformer"]["bytes"]}
+    assert main(["info", model]) == 0
+    assert "custom-klein" in capsys.readouterr().out
