@@ -98,13 +98,16 @@ def test_kv_extract_and_cached_match_diffusers(kwargs):
             hidden_states=args["x"], img_ids=args["x_ids"], timestep=later, kv_cache_mode="cached", kv_cache=cache,
             return_dict=False, **common,
         )[0]  # fmt: skip
-        out = model.forward_kv_cached(args["x"], args["x_ids"], later, args["ctx"], args["ctx_ids"], ours, args["guidance"])
+        out = model.forward_kv_cached(
+            args["x"], args["x_ids"], later, args["ctx"], args["ctx_ids"], ours, args["guidance"]
+        )
         assert_close(out, expected, rel=1e-5)
 
 
 def test_kv_extract_rejects_bad_reference_count():
-    model = ours_from(diffusers_transformer(**UNGUIDED))
-    args = inputs(diffusers_transformer(**UNGUIDED), guidance=False)
+    reference = diffusers_transformer(**UNGUIDED)
+    model = ours_from(reference)
+    args = inputs(reference, guidance=False)
     with pytest.raises(ValueError, match="num_ref"):
         model.forward_kv_extract(args["x"], args["x_ids"], args["timesteps"], args["ctx"], args["ctx_ids"], 0)
 
@@ -123,14 +126,15 @@ def test_gradients_match_diffusers():
     reference = diffusers_transformer(**GUIDED)
     model = ours_from(reference)
     args = inputs(reference)
-    run_diffusers_grad = reference(
+    expected = reference(
         hidden_states=args["x"], encoder_hidden_states=args["ctx"], timestep=args["timesteps"],
         img_ids=args["x_ids"], txt_ids=args["ctx_ids"], guidance=args["guidance"], return_dict=False,
     )[0]  # fmt: skip
-    run_diffusers_grad.square().mean().backward()
+    expected.square().mean().backward()
     model(**args).square().mean().backward()
     assert_close(model.img_in.weight.grad, reference.x_embedder.weight.grad, rel=1e-4)
-    assert_close(model.single_blocks[0].linear1.weight.grad, reference.single_transformer_blocks[0].attn.to_qkv_mlp_proj.weight.grad, rel=1e-4)
+    fused = reference.single_transformer_blocks[0].attn.to_qkv_mlp_proj
+    assert_close(model.single_blocks[0].linear1.weight.grad, fused.weight.grad, rel=1e-4)
 
 
 def test_forward_compiles_without_graph_breaks():

@@ -93,7 +93,8 @@ def _sparse_checkpoint(path, config: DiTConfig):
     header, offset = {}, 0
     for k, v in state.items():
         size = v.numel() * 2
-        header[f"model.diffusion_model.{k}"] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + size]}
+        entry = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + size]}
+        header[f"model.diffusion_model.{k}"] = entry
         offset += size
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
