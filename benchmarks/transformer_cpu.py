@@ -1,0 +1,148 @@
+"""featherflux's FLUX.2 transformer forward vs diffusers' Flux2Transformer2DModel on CPU, fp32, same process.
+
+Both models hold the same random weights (diffusers' converted to our layout) and get the same inputs. Timed
+forwards alternate between the two (median of --rounds). Printed:
+- time per forward and the ratio featherflux / diffusers (below 1: we are faster);
+- achieved FLOP/s of each (FLOPs counted once with torch.utils.flop_counter: matmuls and attention), next to a
+  plain fp32 matmul of the model's typical shape measured in the same run, the practical ceiling;
+- peak memory of each forward: the rise of the process's peak resident set size (VmHWM) over its resident size
+  just before the call. VmHWM is reset before each call through /proc/self/clear_refs, and glibc is told to
+  return every large free block to the OS at once (fixed mmap threshold, malloc_trim), so the figure is the
+  forward's own high-water mark of activations and scratch buffers, weights excluded.
+
+    python benchmarks/transformer_cpu.py [--hidden 1024 --double 2 --single 4 --img 1024 --txt 128 --rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+
+import torch
+from diffusers import Flux2Transformer2DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from featherflux.model.dit import Flux2
+from featherflux.weights.io import materialize
+from featherflux.weights.transformer import config_from_diffusers, diffusers_to_native
+
+LIBC = ctypes.CDLL("libc.so.6")
+M_MMAP_THRESHOLD = -3
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_delta_mb(fn) -> float:
+    LIBC.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current VmRSS
+    before = status_kb("VmRSS")
+    fn()
+    return (status_kb("VmHWM") - before) / 1024
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def matmul_flops_per_s(m: int, k: int, n: int, repeats: int = 10) -> float:
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = min(seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * m * k * n / best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--double", type=int, default=2)
+    parser.add_argument("--single", type=int, default=4)
+    parser.add_argument("--img", type=int, default=1024, help="image tokens (a square grid)")
+    parser.add_argument("--txt", type=int, default=128)
+    parser.add_argument("--context", type=int, default=1024, help="text-embedding width")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    reference = Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=args.double, num_single_layers=args.single,
+        attention_head_dim=args.head_dim, num_attention_heads=args.hidden // args.head_dim,
+        joint_attention_dim=args.context, axes_dims_rope=(args.head_dim // 4,) * 4, guidance_embeds=False,
+    ).eval()  # fmt: skip
+    with torch.device("meta"):
+        ours = Flux2(config_from_diffusers(dict(reference.config), "benchmark"))
+    # our own copy of the weights: cloned so the two models share no storage
+    materialize(ours, diffusers_to_native({k: v.clone() for k, v in reference.state_dict().items()}))
+
+    side = int(args.img**0.5)
+    x = torch.randn(1, side * side, 128)
+    ctx = torch.randn(1, args.txt, args.context)
+    zero = torch.tensor([0])
+    x_ids = torch.cartesian_prod(zero, torch.arange(side), torch.arange(side), zero)[None]
+    ctx_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(args.txt))[None]
+    t = torch.tensor([0.7])
+
+    def run_ours():
+        return ours(x, x_ids, t, ctx, ctx_ids)
+
+    def run_diffusers():
+        return reference(
+            hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_ids=x_ids, txt_ids=ctx_ids, return_dict=False
+        )[0]
+
+    with torch.inference_mode():
+        diff = (run_ours() - run_diffusers()).abs().max().item()
+        flops = {}
+        for name, fn in (("featherflux", run_ours), ("diffusers", run_diffusers)):
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops[name] = counter.get_total_flops()
+        for _ in range(2):  # warm up both
+            run_ours(), run_diffusers()
+        times = {"featherflux": [], "diffusers": []}
+        for _ in range(args.rounds):
+            times["featherflux"].append(seconds(run_ours))
+            times["diffusers"].append(seconds(run_diffusers))
+        ceiling = matmul_flops_per_s(side * side + args.txt, args.hidden, 4 * args.hidden)
+
+        LIBC.mallopt(M_MMAP_THRESHOLD, 64 * 1024)  # freed activations go back to the OS: RSS tracks live memory
+        peaks = {"featherflux": [], "diffusers": []}
+        for _ in range(3):
+            peaks["featherflux"].append(peak_rss_delta_mb(run_ours))
+            peaks["diffusers"].append(peak_rss_delta_mb(run_diffusers))
+
+    params = sum(p.numel() for p in ours.parameters())
+    print(
+        f"config: hidden {args.hidden}, {args.double} double + {args.single} single blocks, {side * side} image + "
+        f"{args.txt} text tokens, {params / 1e6:.1f}M parameters, fp32, {torch.get_num_threads()} threads"
+    )
+    print(f"max |featherflux - diffusers| = {diff:.2e}")
+    print(f"plain matmul ({side * side + args.txt}x{args.hidden} @ {args.hidden}x{4 * args.hidden}): "
+          f"{ceiling / 1e9:.1f} GFLOP/s")  # fmt: skip
+    median = {k: statistics.median(v) for k, v in times.items()}
+    for name in ("featherflux", "diffusers"):
+        print(
+            f"{name:>11}: {median[name] * 1e3:8.1f} ms/forward (min {min(times[name]) * 1e3:.1f}), "
+            f"{flops[name] / median[name] / 1e9:6.1f} GFLOP/s ({flops[name] / 1e9:.1f} GFLOP), "
+            f"peak memory +{statistics.median(peaks[name]):.1f} MiB"
+        )
+    print(f"time ratio featherflux / diffusers: {median['featherflux'] / median['diffusers']:.3f}")
+    print(
+        "peak memory ratio featherflux / diffusers: "
+        f"{statistics.median(peaks['featherflux']) / statistics.median(peaks['diffusers']):.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
