@@ -64,3 +64,32 @@ def test_unknown_mode_is_a_user_error(small_dit):
 
     with pytest.raises(UserError, match="int8, fp8 or nf4"):
         quantize(small_dit, "int3")
+
+
+@torch.no_grad()
+def test_bfl_fp8_checkpoint_loads_into_float8_linears(tmp_path):
+    from safetensors.torch import save_file
+
+    from featherflux.memory.quant import load_bfl_fp8_transformer
+    from featherflux.model.config import FAMILIES
+    from featherflux.model.dit import Flux2
+
+    config = FAMILIES["demo"].dit
+    torch.manual_seed(0)
+    model = Flux2(config).to(torch.bfloat16).eval()
+    quantized = quantize(copy.deepcopy(model), "fp8", predicate=lambda n, m: "blocks" in n, fp8_matmul=False)
+    state = {}
+    for name, t in quantized.state_dict().items():
+        key = "model.diffusion_model." + name
+        state[key] = t.contiguous()
+        if name.endswith("weight_scale"):  # BFL stores a (per-tensor) input scale next to every fp8 weight
+            state[key.replace("weight_scale", "input_scale")] = torch.ones(1)
+    save_file(state, tmp_path / "flux-2-demo-fp8.safetensors")
+    loaded = load_bfl_fp8_transformer(tmp_path / "flux-2-demo-fp8.safetensors")
+    assert isinstance(loaded.single_blocks[0].linear1, Float8Linear) and isinstance(loaded.txt_in, nn.Linear)
+    n = 16
+    x = torch.randn(1, n, config.in_channels).to(torch.bfloat16)
+    ids = torch.zeros(1, n, 4)
+    ctx = torch.randn(1, 4, config.context_in_dim).to(torch.bfloat16)
+    args = (x, ids, torch.full((1,), 0.5), ctx, torch.zeros(1, 4, 4))
+    assert torch.equal(loaded(*args), quantized(*args))

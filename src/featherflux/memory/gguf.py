@@ -188,13 +188,13 @@ def gguf_summary(path: str | Path) -> tuple[dict[str, tuple[int, ...]], str | No
 
 def load_gguf_transformer(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
     """A `Flux2` DiT from a GGUF file: quantized Linear weights stay quantized (`GGUFLinear`), the rest in `dtype`."""
-    from featherflux.memory.planner import _dit_from_keys, _family_for_dit
+    from featherflux.memory.planner import dit_shape_from_keys, family_for_dit_shape
     from featherflux.model.dit import Flux2
 
     path = Path(path)
     gguf, reader, orig = _read(path)
     shapes, _ = gguf_summary(path)
-    config = _family_for_dit(_dit_from_keys(shapes)).dit
+    config = family_for_dit_shape(dit_shape_from_keys(shapes)).dit
     with torch.device("meta"):
         model = Flux2(config)
     expected = dict(model.state_dict())

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from featherflux.errors import UserError
 from featherflux.memory import sizes
-from featherflux.model.config import FAMILIES, DiTConfig, FamilyConfig
+from featherflux.model.config import FAMILIES, FamilyConfig
 
 GiB = 1024**3
 OFFLOAD_MODES = (None, "model", "blocks", "sequential")
@@ -131,15 +131,16 @@ def host_ram_bytes() -> int:
 # ---------------------------------------------------------------------------------------------------- families
 
 
-def _family_for_dit(dit: DiTConfig) -> FamilyConfig:
+def family_for_dit_shape(shape: tuple[int, int, int]) -> FamilyConfig:
+    """The family whose DiT has this (hidden size, double blocks, single blocks)."""
     for family in FAMILIES.values():
         f = family.dit
-        if (f.hidden_size, f.depth, f.depth_single_blocks) == (dit.hidden_size, dit.depth, dit.depth_single_blocks):
+        if (f.hidden_size, f.depth, f.depth_single_blocks) == shape:
             return family
-    raise UserError(f"no known FLUX.2 family has hidden size {dit.hidden_size} and {dit.depth}+{dit.depth_single_blocks} blocks")
+    raise UserError(f"no known FLUX.2 family has hidden size {shape[0]} and {shape[1]}+{shape[2]} blocks")
 
 
-def _dit_from_keys(shapes: dict[str, tuple[int, ...]]) -> DiTConfig:
+def dit_shape_from_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int]:
     """Read the DiT shape from BFL key names (the layout of BFL, ComfyUI and city96 GGUF files)."""
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in shapes) else ""
     if any(k.startswith("diffusion_model.") for k in shapes):
@@ -153,7 +154,7 @@ def _dit_from_keys(shapes: dict[str, tuple[int, ...]]) -> DiTConfig:
     def count(kind: str) -> int:
         return len({k.split(".")[1] for k in (k[len(prefix) :] for k in shapes) if k.startswith(kind + ".")})
 
-    return DiTConfig(hidden_size=hidden, num_heads=hidden // 128, depth=count("double_blocks"), depth_single_blocks=count("single_blocks"))
+    return hidden, count("double_blocks"), count("single_blocks")
 
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -175,20 +176,15 @@ def resolve_family(model: str | os.PathLike | FamilyConfig) -> tuple[FamilyConfi
             if not config.is_file():
                 raise UserError(f"{path} has no transformer/config.json; give a diffusers folder, a file or a family name")
             c = json.loads(config.read_text())
-            dit = DiTConfig(
-                hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
-                num_heads=c["num_attention_heads"],
-                depth=c["num_layers"],
-                depth_single_blocks=c["num_single_layers"],
-            )
-            return _family_for_dit(dit), None
+            shape = (c["num_attention_heads"] * c["attention_head_dim"], c["num_layers"], c["num_single_layers"])
+            return family_for_dit_shape(shape), None
         if path.suffix == ".gguf":
             from featherflux.memory.gguf import gguf_summary
 
             shapes, quant = gguf_summary(path)
-            return _family_for_dit(_dit_from_keys(shapes)), quant
+            return family_for_dit_shape(dit_shape_from_keys(shapes)), quant
         if path.suffix == ".safetensors":
-            return _family_for_dit(_dit_from_keys(_safetensors_shapes(path))), None
+            return family_for_dit_shape(dit_shape_from_keys(_safetensors_shapes(path))), None
         raise UserError(f"cannot plan for {path}: expected a folder, a .safetensors or a .gguf file")
     key = text.lower().rsplit("/", 1)[-1].removeprefix("flux.2-")
     for name in FAMILIES:
