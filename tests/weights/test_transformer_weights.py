@@ -54,6 +54,12 @@ def test_loads_bfl_single_file_inferring_the_config(tmp_path):
     _check(model, reference, guidance=False)
 
 
+def test_loads_diffusers_keyed_single_file(tmp_path):
+    reference = diffusers_transformer(**GUIDED)
+    save_file(dict(reference.state_dict()), tmp_path / "diffusers-names.safetensors")
+    _check(load_transformer(tmp_path / "diffusers-names.safetensors"), reference)
+
+
 def test_config_override_sets_what_weights_cannot_tell(tmp_path):
     reference = diffusers_transformer(**GUIDED)
     save_file(_bfl_state(reference), tmp_path / "tiny.safetensors")
