@@ -1,78 +1,146 @@
 """The image service on Ray Serve: the same HTTP API as `featherflux serve`, one pipeline per replica.
 
-Ray Serve's router sends each request to the less loaded of two sampled replicas (by ongoing requests), and
-its autoscaler adds or removes replicas to hold the ongoing requests per replica near a target: routing and
-scaling both follow queue depth. Each replica owns one `JobQueue`; its persistent queue file is named after the
-replica's rank so a restarted replica resumes its jobs. Images go to one output folder that every replica
-writes (a shared file system on a multi-node cluster), so any replica can serve `/v1/files/{name}`.
+Design choices:
+- Each replica is the single-process server: it loads one pipeline and builds `featherflux.serve.api.create_app`
+  over it at replica start (Serve's late-bound ingress, `__serve_build_asgi_app__`), so both servers share every
+  endpoint, validation rule and error.
+- Routing and scaling follow queue depth: Serve's router sends each request to the less loaded of two sampled
+  replicas (by ongoing requests), and its autoscaler keeps ongoing requests per replica near
+  `target_ongoing_requests`. A replica's ongoing requests are its waiting OpenAI calls; jobs submitted through
+  `/v1/jobs` return at once and are not counted.
+- Each replica owns one `JobQueue` whose persistent file is named after the replica's rank (0..N-1, reused when the
+  deployment restarts), so a restarted replica resumes its jobs. Images go to one output folder that every replica
+  writes (a shared file system on a multi-node cluster), so any replica can serve `/v1/files/{name}`.
+- A job lives on the replica that took it; `job_board.py` lets any replica answer, stream and cancel it.
 
-People who write their own Serve config can import the application builder:
-    `import_path: featherflux.scale.ray_serve:app` with `args: {model: ..., output_dir: ...}`.
+People who write their own Serve config import the application builder:
+    import_path: featherflux.scale.ray_serve:app
+    args: {model: /models/klein, output_dir: /shared/out, autoscale: "1:4", gpus_per_replica: 1}
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ray import serve
 
+from featherflux.errors import UserError
+
+APP_NAME = "featherflux"
+TARGET_ONGOING_REQUESTS = 2  # per replica: one image running, one waiting, before the autoscaler adds a replica
+
 
 @dataclass
 class ReplicaSettings:
+    """What each replica needs to load its pipeline and build the HTTP app (the `featherflux serve` options)."""
+
     model: str
-    output_dir: str = "outputs"
+    output_dir: str = "featherflux-outputs"
     api_keys: str | None = None
     max_queue: int = 64
-    load_kwargs: dict = field(default_factory=dict)  # device, dtype, vram, offload, quantize, text_encoder...
+    max_batch: int = 4
+    job_timeout: float = 600.0
+    rate_limit: float = 120.0  # per key and per replica
+    burst: int = 30
+    lora_dir: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None  # "bfloat16", ...; None keeps the checkpoint's
+    placement: dict = field(default_factory=dict)  # vram, offload, quantize, text_encoder: passed to load_pipeline
 
 
 @serve.deployment
 @serve.ingress()
 class ImageService:
     def __init__(self, settings: ReplicaSettings):
+        import torch
+
         from featherflux.pipeline import load_pipeline
 
         self.settings = settings
-        self.pipe = load_pipeline(settings.model, **settings.load_kwargs)
+        dtype = getattr(torch, settings.dtype) if settings.dtype else None
+        self.pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype, **settings.placement)
 
     def __serve_build_asgi_app__(self):
+        from featherflux.scale.job_board import shared_jobs
         from featherflux.serve.api import create_app
 
         s = self.settings
-        # Ranks are 0..N-1 and are reused when the deployment restarts, so replica k finds its own saved jobs.
         rank = serve.get_replica_context().rank.rank
         output_dir = Path(s.output_dir)
-        return create_app(self.pipe, api_keys=Path(s.api_keys) if s.api_keys else None, max_queue=s.max_queue,
-                          output_dir=output_dir, state_file=output_dir / f"queue-replica-{rank}.jsonl")
+        loras = {p.stem: p for p in sorted(Path(s.lora_dir).glob("*.safetensors"))} if s.lora_dir else None
+        app = create_app(self.pipe, api_keys=Path(s.api_keys) if s.api_keys else None, max_queue=s.max_queue,
+                         output_dir=output_dir, max_batch=s.max_batch, job_timeout=s.job_timeout,
+                         rate_limit=(s.rate_limit, s.burst), loras=loras,
+                         state_file=output_dir / f"queue-replica-{rank}.jsonl")
+        return shared_jobs(app, replica=rank, api_keys=Path(s.api_keys) if s.api_keys else None)
 
 
 def build_app(settings: ReplicaSettings, *, replicas: int = 1, autoscale: tuple[int, int] | None = None,
               gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0) -> serve.Application:
+    """The Serve application: `replicas` fixed replicas, or `autoscale=(min, max)` replicas scaled on queue depth."""
+    if settings.lora_dir is not None and not Path(settings.lora_dir).is_dir():
+        raise UserError(f"--lora-dir {settings.lora_dir} is not a folder")
     options: dict = {
         "ray_actor_options": {"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica},
-        # A replica takes as many requests as its own queue holds; Serve queues the rest at the router.
+        # A replica takes as many requests as its own queue holds; the router holds the rest back.
         "max_ongoing_requests": settings.max_queue,
     }
     if autoscale:
         low, high = autoscale
-        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": 2}
+        if not 0 <= low <= high or high < 1:
+            raise UserError(f"--autoscale {low}:{high}: use MIN:MAX with 0 <= MIN <= MAX and MAX >= 1")
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
+                                         "target_ongoing_requests": TARGET_ONGOING_REQUESTS}
     else:
+        if replicas < 1:
+            raise UserError(f"--replicas {replicas}: use at least 1")
         options["num_replicas"] = replicas
     return ImageService.options(**options).bind(settings)
 
 
+def parse_autoscale(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition(":")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise UserError(f"--autoscale {text!r}: use MIN:MAX, for example 1:4") from None
+
+
 def app(args: dict) -> serve.Application:
-    """Application builder for Serve config files: `args` holds ReplicaSettings fields plus `replicas`."""
+    """Application builder for Serve config files: `args` holds ReplicaSettings fields, plus optionally
+    `replicas`, `autoscale` ("MIN:MAX"), `gpus_per_replica` and `cpus_per_replica`."""
     args = dict(args)
-    replicas = int(args.pop("replicas", 1))
-    return build_app(ReplicaSettings(**args), replicas=replicas)
+    deploy = {"replicas": int(args.pop("replicas", 1)),
+              "gpus_per_replica": float(args.pop("gpus_per_replica", 0.0)),
+              "cpus_per_replica": float(args.pop("cpus_per_replica", 1.0))}
+    if "autoscale" in args:
+        deploy["autoscale"] = parse_autoscale(str(args.pop("autoscale")))
+    unknown = set(args) - {f.name for f in fields(ReplicaSettings)}
+    if unknown:
+        raise UserError(f"unknown featherflux Serve args {sorted(unknown)}; known: "
+                        f"{sorted(asdict(ReplicaSettings(model='')))} and replicas, autoscale, gpus_per_replica")
+    return build_app(ReplicaSettings(**args), **deploy)
 
 
-def run(settings: ReplicaSettings, *, host: str, port: int, address: str | None = None, **deploy) -> None:
-    """Start (or join, with `address`) a Ray cluster, deploy the service on host:port, and block until Ctrl-C."""
+def deploy(settings: ReplicaSettings, *, host: str, port: int, **options) -> None:
+    """Deploy the service on the connected Ray cluster, listening on host:port; returns once replicas are up."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings, **options), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def run(settings: ReplicaSettings, *, host: str, port: int, address: str | None = None, **options) -> None:
+    """Join the Ray cluster at `address` (or start a local one), deploy, and serve until Ctrl-C."""
     import ray
 
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     ray.init(address=address, include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings, **deploy), name="featherflux", route_prefix="/", blocking=True)
+    deploy(settings, host=host, port=port, **options)
+    print(f"featherflux: serving {settings.model} on Ray Serve at http://{host}:{port}/ (images in "
+          f"{settings.output_dir})", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.delete(APP_NAME)
