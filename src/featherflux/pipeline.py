@@ -334,7 +334,8 @@ class Flux2Pipeline:
 def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                   prompt_encoder=None, text_encoder_out_layers: tuple[int, ...] | None = None,
                   vram: str | int | None = None, ram: str | int | None = None, offload: str | None = None,
-                  quantize: str | None = None, embed_cache: str | Path | None = None) -> Flux2Pipeline:
+                  quantize: str | None = None, embed_cache: str | Path | None = None,
+                  text_encoder: str | None = None, text_encoder_token: str | None = None) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline from a diffusers-layout folder (with model_index.json), a hub repo id already in the
     local Hugging Face cache, or "demo" (the small model shipped with featherflux).
 
@@ -346,6 +347,9 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
     on the host and placed by the planner: `vram`/`ram` budgets ("24GiB"; detected when None), `offload` None
     (planner's choice) | "model" | "blocks" | "sequential", `quantize` None (planner's choice) | "int8" | "fp8" |
     "nf4". `embed_cache` is a folder of cached prompt embeddings.
+
+    `text_encoder="http://host:port"` encodes prompts on a `featherflux encode-server` (featherflux.serve) instead
+    of loading `text_encoder/`; `text_encoder_token` is its bearer token ($FEATHERFLUX_TEXT_ENCODER_TOKEN if None).
     """
     from featherflux.loading import build_family, component, resolve_model_path, variant_of
     from featherflux.text_encoder import load_prompt_encoder
@@ -355,7 +359,12 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
     target, device = device, ("cpu" if placed else device)
     folder, model_id = resolve_model_path(path_or_repo_id)
     variant = variant_of(folder)
-    family = build_family(folder, variant, text_encoder_out_layers, with_text_encoder=prompt_encoder is None)
+    local_encoder = prompt_encoder is None and text_encoder is None  # ENC: a remote encoder needs no text_encoder/
+    family = build_family(folder, variant, text_encoder_out_layers, with_text_encoder=local_encoder)
+    if text_encoder is not None:  # ENC: remote prompt encoding, connected and checked before any weight loads
+        from featherflux.serve.encoder_client import connect_text_encoder
+
+        prompt_encoder = connect_text_encoder(text_encoder, text_encoder_token, family, prompt_encoder)
     transformer = load_transformer(component(folder, "transformer"), device=device, dtype=dtype, config=family.dit)
     autoencoder = load_autoencoder(component(folder, "vae"), device=device, dtype=dtype)
     if prompt_encoder is None:

@@ -27,7 +27,7 @@ import uvicorn
 
 from featherflux.errors import UserError
 from featherflux.serve.encoder_client import RemoteEncoderError, RemotePromptEncoder
-from featherflux.serve.encoder_service import create_encoder_app
+from featherflux.serve.encoder_service import create_encoder_app, load_pipeline_prompt_encoder
 from featherflux.serve.wire import WireError, decode_embeddings, encode_embeddings
 
 DIM = 12
@@ -222,7 +222,7 @@ def test_16_concurrent_clients_each_get_their_own_embeddings_in_shared_batches()
     with Server(create_encoder_app(encoder, batch_window_s=0.02)) as server:
         clients = [RemotePromptEncoder(server.url) for _ in prompts]
         with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda i: clients[i].encode([prompts[i]], 32), range(16)))
+            results = list(pool.map(lambda i: clients[i].encode([prompts[i]], 48), range(16)))
         for prompt, embeds in zip(prompts, results):
             assert embeds.shape == (1, 32, DIM) and torch.equal(embeds[0], hash_embedding(prompt, 32))
         assert sorted(p for batch in encoder.batches for p in batch) == sorted(prompts)  # none lost or repeated
@@ -292,8 +292,82 @@ def test_server_killed_mid_request_client_raises_cleanly_or_retries_onto_a_resta
         process.wait()
 
 
+# --- the real text encoder of tiny pipelines saved to disk
+
+
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
+def tiny(tmp_path_factory):
     from tests.tiny import tiny_pipeline_dir
 
-    return tiny_pipeline_dir("klein", tmp_path_factory.mktemp("tiny"))
+    scratch = tmp_path_factory.mktemp("tiny")
+    return lambda kind: tiny_pipeline_dir(kind, scratch)
+
+
+def test_service_embeddings_equal_local_encoding_bit_for_bit(tiny):
+    encoder = load_pipeline_prompt_encoder(str(tiny("klein-base")))
+    prompts = [f"a dog is dancing, take {i}" for i in range(16)]
+    with Server(create_encoder_app(encoder, batch_window_s=0.02)) as server:
+        with RemotePromptEncoder(server.url, family=encoder.family) as client:
+            assert client.model_id == encoder.model_id
+            remote = client.encode(prompts[:3], 48)
+            assert remote.dtype == encoder.dtype and torch.equal(remote, encoder.encode(prompts[:3], 48))
+        # 16 clients at once, merged into shared batches: each gets exactly its own prompt's local embedding
+        clients = [RemotePromptEncoder(server.url) for _ in prompts]
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: clients[i].encode([prompts[i]], 48), range(16)))
+        for prompt, embeds in zip(prompts, results):
+            assert torch.equal(embeds, encoder.encode([prompt], 48))
+
+
+def test_pipeline_with_remote_encoder_draws_the_same_image(tiny):
+    from featherflux.pipeline import load_pipeline
+
+    path = tiny("klein-base")  # true CFG: the empty negative prompt is encoded remotely too
+    local = load_pipeline(path)
+    with Server(create_encoder_app(load_pipeline_prompt_encoder(str(path)), token="t0ken")) as server:
+        remote = load_pipeline(path, text_encoder=server.url, text_encoder_token="t0ken")
+        assert isinstance(remote.prompt_encoder, RemotePromptEncoder)
+        kwargs = dict(
+            prompt=["a red apple", "a dog"],
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            max_sequence_length=32,
+            output_type="pt",
+            show_progress=False,
+        )
+        expected = local(seed=7, **kwargs).images
+        assert torch.equal(remote(seed=7, **kwargs).images, expected)
+        assert metric(server.url, "featherflux_encoder_cache_misses_total", token="t0ken") == 3
+
+
+def test_pipeline_refuses_a_server_of_another_family(tiny):
+    from featherflux.pipeline import load_pipeline
+
+    with Server(create_encoder_app(load_pipeline_prompt_encoder(str(tiny("dev"))))) as server:
+        with pytest.raises(
+            RemoteEncoderError, match="encodes for family 'custom-dev'.*pipeline is 'custom-klein-base'"
+        ):
+            load_pipeline(tiny("klein-base"), text_encoder=server.url)
+
+
+def test_encode_server_command_serves_the_pipeline_encoder_with_its_token(tiny, tmp_path, monkeypatch):
+    from featherflux.cli import main
+    from featherflux.serve import encoder_service
+
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    answers = []
+
+    def serve_one_request(encoder, *, host, port, token, **limits):  # stands in for uvicorn.run
+        with Server(create_encoder_app(encoder, token=token, **limits)) as server:
+            with RemotePromptEncoder(server.url, token="s3cret") as client:
+                answers.append((client.family, client.encode(["a cat"], 32), encoder.encode(["a cat"], 32)))
+
+    monkeypatch.setattr(encoder_service, "run_encoder_server", serve_one_request)
+    assert main(["encode-server", "--model", str(tiny("klein-base")), "--token-file", str(token_file)]) == 0
+    ((family, remote, local),) = answers
+    assert family == "custom-klein-base" and torch.equal(remote, local)
+    token_file.write_text("two words")
+    assert main(["encode-server", "--model", str(tiny("klein-base")), "--token-file", str(token_file)]) == 2

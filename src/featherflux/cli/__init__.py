@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "serve",
     "keys",
     "eval_demo",
+    "encode_server",
 ]
 
 

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", help="output PNG (default: featherflux-SEED.png); K > 1 adds -0, -1, ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--text-encoder", metavar="URL",  # ENC: featherflux.serve.encoder_client
+                   help="encode prompts on a `featherflux encode-server` at URL instead of loading the text encoder "
+                        "(token from $FEATHERFLUX_TEXT_ENCODER_TOKEN)")
     p.set_defaults(func=run)
 
 
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         warnings.showwarning = _note
         warnings.simplefilter("default", UserWarning)
         try:
-            pipe = load_pipeline(model, device=args.device, dtype=DTYPES.get(args.dtype))
+            pipe = load_pipeline(model, device=args.device, dtype=DTYPES.get(args.dtype),
+                                 text_encoder=args.text_encoder)  # ENC
             steps = args.steps or pipe.family.default_steps
             guidance = pipe.family.default_guidance if args.guidance is None else args.guidance
             images = pipe(

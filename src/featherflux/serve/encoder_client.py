@@ -14,6 +14,7 @@ Design choices:
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -21,6 +22,9 @@ import torch
 
 from featherflux.errors import UserError
 from featherflux.serve.wire import decode_embeddings
+
+
+TOKEN_ENV = "FEATHERFLUX_TEXT_ENCODER_TOKEN"  # read when no token is passed, so tokens stay off command lines
 
 
 class RemoteEncoderError(UserError):
@@ -34,15 +38,23 @@ class RemotePromptEncoder:
         token: str | None = None,
         *,
         family: str | None = None,
+        context_dim: int | None = None,
         timeout: float = 120.0,
         retries: int = 3,
         backoff_s: float = 0.5,
     ):
-        """Connect to the encode server at `url`; `family`, when given, must be the family the server encodes for."""
+        """Connect to the encode server at `url`.
+
+        `token` defaults to $FEATHERFLUX_TEXT_ENCODER_TOKEN. `family` (the pipeline's family name) must share its text encoder with the server's family, and
+        `context_dim` (the DiT's context width) must be the width of the embeddings the server sends; each check is
+        skipped when None.
+        """
         if not url.startswith(("http://", "https://")):
             raise UserError(f"text encoder URL {url!r} must start with http:// or https://")
         self.url = url.rstrip("/")
         self.retries, self.backoff_s = retries, backoff_s
+        self.context_dim = context_dim
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Connecting should be quick; reading may wait for a big encoder behind a queue.
         self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
@@ -55,7 +67,7 @@ class RemotePromptEncoder:
         self.family: str = info["family"]
         self.max_prompts: int = info["max_prompts"]
         self.max_sequence_length: int = info["max_sequence_length"]
-        if family is not None and family != self.family:
+        if family is not None and text_encoder_family(family) != text_encoder_family(self.family):
             self.close()
             raise RemoteEncoderError(
                 f"the encode server at {self.url} encodes for family {self.family!r} (model {self.model_id!r}), "
@@ -69,8 +81,15 @@ class RemotePromptEncoder:
         except (ValueError, KeyError, IndexError, TypeError):
             raise RemoteEncoderError(f"{self.url} does not answer like a featherflux encode-server") from None
 
-    def encode(self, prompts: list[str], max_sequence_length: int = 512) -> torch.Tensor:
+    def encode(
+        self, prompts: list[str], max_sequence_length: int = 512, out_layers: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
         """Embeddings (B, L, D) for `prompts`, bit for bit what the server's local encoder gives."""
+        if out_layers is not None:
+            raise UserError(
+                "text_encoder_out_layers cannot be chosen per call with a remote text encoder; the encode server "
+                "stacks the layers it was started with"
+            )
         if isinstance(prompts, str):
             prompts = [prompts]
         if not prompts:
@@ -93,6 +112,11 @@ class RemotePromptEncoder:
                 raise RemoteEncoderError(
                     f"the encode server at {self.url} switched model mid-session: it now serves "
                     f"{header.model_id!r} ({header.family}), we connected to {self.model_id!r} ({self.family})"
+                )
+            if self.context_dim is not None and embeds.shape[-1] != self.context_dim:
+                raise RemoteEncoderError(
+                    f"the encode server at {self.url} sends {embeds.shape[-1]}-wide embeddings ({self.model_id}), "
+                    f"but the pipeline's transformer takes {self.context_dim}; it serves another model"
                 )
             parts.append(embeds)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -141,8 +165,20 @@ class RemotePromptEncoder:
         return f"RemotePromptEncoder({self.url!r}, model_id={self.model_id!r}, family={self.family!r})"
 
 
+def text_encoder_family(family: str) -> str:
+    """One name for the families that share a text encoder: klein, klein-base and klein-kv of one size."""
+    return family.replace("klein-base", "klein").removesuffix("-kv")
+
+
 def _message(response: httpx.Response) -> str:
     try:
         return response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return response.text[:200]
+
+
+def connect_text_encoder(url: str, token: str | None, family, prompt_encoder=None) -> RemotePromptEncoder:
+    """The remote prompt encoder for `load_pipeline(text_encoder=url)`, checked against the pipeline's `family`."""
+    if prompt_encoder is not None:
+        raise UserError("pass either prompt_encoder= or text_encoder=URL to load_pipeline, not both")
+    return RemotePromptEncoder(url, token, family=family.name, context_dim=family.dit.context_in_dim)

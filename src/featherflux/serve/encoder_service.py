@@ -380,6 +380,27 @@ def create_encoder_app(
     return app
 
 
+def load_pipeline_prompt_encoder(
+    path_or_repo_id: str, *, device: str = "cpu", dtype: torch.dtype | None = None, out_layers=None
+):
+    """The prompt encoder of a pipeline folder (or cached repo id) and nothing else: the family, stacked layers and
+    model id are worked out as `load_pipeline` does, from configs only; transformer and VAE weights are not read."""
+    from featherflux.loading import build_family, component, resolve_model_path, variant_of
+    from featherflux.text_encoder import load_prompt_encoder
+
+    folder, model_id = resolve_model_path(path_or_repo_id)
+    family = build_family(folder, variant_of(folder), out_layers)
+    return load_prompt_encoder(
+        component(folder, "text_encoder"),
+        component(folder, "tokenizer"),
+        out_layers=family.text_encoder.out_layers,
+        family=family.name,
+        model_id=model_id,
+        device=device,
+        dtype=dtype,
+    )
+
+
 def run_encoder_server(encoder, *, host: str = "127.0.0.1", port: int = 8700, token: str | None = None, **limits):
     """Serve `encoder` with uvicorn until interrupted."""
     import uvicorn
