@@ -6,7 +6,7 @@ from lora_fixtures import CONFIG, NativeStub, diffusers_transformer, native_lora
 from safetensors.torch import save_file
 
 from featherflux.errors import WeightsError
-from featherflux.lora import fuse_lora, load_lora, lora_names, set_lora_scale, unfuse_lora, unload_lora
+from featherflux.lora import fuse_lora, load_lora, lora_names, set_lora_scale, set_loras, unfuse_lora, unload_lora
 from featherflux.lora.layers import LoRALinear
 from featherflux.model.config import DiTConfig
 
@@ -172,3 +172,17 @@ def test_bad_loras_name_the_offending_keys(tmp_path, peft_lora_file):
     (tmp_path / "x.ckpt").write_bytes(b"pickle")
     with pytest.raises(WeightsError, match="only .safetensors"):
         load_lora(model, tmp_path / "x.ckpt")
+
+
+def test_set_loras_switches_adapters_per_request(peft_lora_file, oracle, tmp_path):
+    base, fused = oracle
+    model = NativeStub(weights=base)
+    set_loras(model, {"style": (peft_lora_file, 1.0)})
+    set_loras(model, {"style": (peft_lora_file, 1.0)})  # cached: not loaded twice
+    assert lora_names(model) == ["style"]
+    fuse_lora(model)
+    assert_matches(model, fused)
+    set_loras(model, {})  # unfuses, deactivates, keeps the adapter cached
+    qkv = model.get_submodule("double_blocks.0.img_attn.qkv")
+    x = torch.randn(2, CONFIG.hidden_size)
+    assert torch.equal(qkv(x), qkv.base(x)) and lora_names(model) == ["style"]

@@ -63,6 +63,9 @@ def test_resume_equals_uninterrupted(tmp_path, mode):
     resumed = train(resumed_model, tiny_data(), config, tmp_path / "b")
     assert resumed.losses == straight.losses[2:]
     for out_a, out_b in zip(straight.outputs, resumed.outputs):
+        if out_a.suffix != ".safetensors":
+            assert out_a.read_text() == out_b.read_text()
+            continue
         ta, tb = load_file(out_a), load_file(out_b)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert [r["step"] for r in csv.DictReader((tmp_path / "b" / "log.csv").open())] == [str(i) for i in range(1, 7)]

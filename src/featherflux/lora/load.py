@@ -50,7 +50,30 @@ def load_lora(model: nn.Module, path_or_state_dict: str | Path | dict[str, torch
             wrapped = LoRALinear(wrapped)
             _set_module(model, module_name, wrapped)
         wrapped.add_adapter(name, adapter, scale)
+    _sources(model)[name] = None if isinstance(path_or_state_dict, dict) else str(path_or_state_dict)
     return name
+
+
+def set_loras(model: nn.Module, wanted: dict[str, tuple[str | Path, float]]) -> None:
+    """Make exactly `wanted` ({name: (path, scale)}) active: load what is missing (a name whose file changed is
+    reloaded), set the scales, and set every other loaded adapter to scale 0 (kept loaded, as a cache)."""
+    if any(m.fused for _, m in lora_modules(model)):
+        unfuse_lora(model)
+    sources = _sources(model)
+    for name, (path, _) in wanted.items():
+        if name in sources and sources[name] != str(path):
+            unload_lora(model, name)
+        if name not in lora_names(model):
+            load_lora(model, path, name=name)
+    for name in lora_names(model):
+        set_lora_scale(model, name, wanted[name][1] if name in wanted else 0.0)
+
+
+def _sources(model: nn.Module) -> dict[str, str | None]:
+    """name -> file of each loaded adapter, kept on the model so that set_loras can tell what is cached."""
+    if not hasattr(model, "lora_sources"):
+        model.lora_sources = {}
+    return model.lora_sources
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -99,6 +122,9 @@ def unload_lora(model: nn.Module, name: str | None = None) -> None:
             module.remove_adapter(adapter)
         if not module.adapters:
             _set_module(model, module_name, module.base)
+    for loaded in list(_sources(model)):
+        if name is None or loaded == name:
+            del _sources(model)[loaded]
 
 
 def _check_name(model, name):

@@ -91,21 +91,31 @@ class CachedDataset:
     def __len__(self) -> int:
         return len(self.latents)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, extra: dict[str, Tensor] | None = None, key: str = "") -> None:
+        """One safetensors file; `extra` holds other embeddings (validation prompts), `key` what it was made from."""
         tensors = {f"latents.{i}": t.contiguous() for i, t in enumerate(self.latents)}
         tensors |= {f"embeds.{i}": t.contiguous() for i, t in enumerate(self.embeds)}
+        tensors |= {f"extra.{i}": t.contiguous() for i, t in enumerate((extra or {}).values())}
         tensors["empty_embed"] = self.empty_embed.contiguous()
-        _atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"names": json.dumps(self.names)}))
+        meta = {"names": json.dumps(self.names), "extra": json.dumps(list(extra or {})), "key": key}
+        _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path: Path) -> CachedDataset:
+    def load(cls, path: Path, key: str = "") -> tuple[CachedDataset, dict[str, Tensor]] | None:
+        """The dataset and extra embeddings saved at `path`, or None if missing or made from something else."""
         from safetensors import safe_open
 
+        if not path.is_file():
+            return None
         with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != key:
+                return None
             n = sum(1 for k in f.keys() if k.startswith("latents."))
-            names = json.loads((f.metadata() or {}).get("names", "[]"))
-            return cls([f.get_tensor(f"latents.{i}") for i in range(n)], [f.get_tensor(f"embeds.{i}") for i in range(n)],
-                       f.get_tensor("empty_embed"), names)
+            data = cls([f.get_tensor(f"latents.{i}") for i in range(n)], [f.get_tensor(f"embeds.{i}") for i in range(n)],
+                       f.get_tensor("empty_embed"), json.loads(meta["names"]))
+            extra = {p: f.get_tensor(f"extra.{i}") for i, p in enumerate(json.loads(meta["extra"]))}
+        return data, extra
 
 
 @dataclass
@@ -228,7 +238,7 @@ def train(model: nn.Module, data: CachedDataset, config: TrainConfig, output: st
           validate: Callable[[int], None] | None = None, resume: bool = True,
           stop_after: int | None = None) -> TrainResult:
     """Fine-tune `model` (a native Flux2, possibly quantized) on cached data; writes checkpoints, a CSV log and the
-    final LoRA (or, with mode="full", the trained parameters) under `output`. With `resume`, continues from the
+    final LoRA (or, with mode="full", the whole transformer in diffusers layout in `output/transformer`). With `resume`, continues from the
     newest checkpoint there. `stop_after` ends the run early at that step (to test resume)."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -309,7 +319,10 @@ def train(model: nn.Module, data: CachedDataset, config: TrainConfig, output: st
         if config.mode == "lora":
             outputs = save_lora(model, output, config, step)
         else:
-            outputs = [_save_tensors(output / "model.safetensors", named, {"featherflux.steps": str(step)})]
+            from featherflux.weights import save_transformer
+
+            save_transformer(model, output / "transformer")
+            outputs = sorted((output / "transformer").iterdir())
     return TrainResult(step, losses, outputs)
 
 
