@@ -25,7 +25,8 @@ class FakePipeline:
     calls: list[dict] = field(default_factory=list)
 
     def __call__(self, *, prompt, height, width, num_inference_steps, guidance_scale, generator,
-                 num_images_per_prompt=1, output_type="pil", callback_on_step_end=None, image=None):
+                 num_images_per_prompt=1, output_type="pil", callback_on_step_end=None, image=None,
+                 show_progress=True):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         generators = generator if isinstance(generator, list) else [generator]
         assert len(generators) == len(prompts) * num_images_per_prompt

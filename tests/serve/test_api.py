@@ -16,7 +16,7 @@ from featherflux.serve.auth import add_key
 from tests.serve.fakes import FakePipeline, LiveServer, seed_colour
 
 
-def png_bytes(size=(32, 32), colour="blue") -> bytes:
+def png_bytes(size=(64, 64), colour="blue") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -43,39 +43,39 @@ def server(tmp_path_factory):
 
 def test_openai_client_generates_b64_and_url(server):
     c = client(server)
-    result = c.images.generate(prompt="a red fox", n=2, size="32x32", extra_body={"seed": 11, "steps": 3})
+    result = c.images.generate(prompt="a red fox", n=2, size="64x64", extra_body={"seed": 11, "steps": 3})
     assert [colour(base64.b64decode(d.b64_json)) for d in result.data] == [
         seed_colour(11, "a red fox"), seed_colour(12, "a red fox")]
-    result = c.images.generate(prompt="a red fox", size="48x32", response_format="url", extra_body={"seed": 11})
+    result = c.images.generate(prompt="a red fox", size="80x64", response_format="url", extra_body={"seed": 11})
     (image,) = result.data
     data = httpx.get(image.url).content
     assert colour(data) == seed_colour(11, "a red fox")
     with Image.open(io.BytesIO(data)) as png:
-        assert png.size == (48, 32)
+        assert png.size == (80, 64)
         assert json.loads(png.text["parameters"])["prompt"] == "a red fox"
 
 
 def test_openai_client_edit_sends_one_or_many_references(server):
     c = client(server)
     before = len(server.pipe.calls)
-    one = c.images.edit(image=("ref.png", png_bytes(), "image/png"), prompt="make it green", size="32x32",
+    one = c.images.edit(image=("ref.png", png_bytes(), "image/png"), prompt="make it green", size="64x64",
                         extra_body={"seed": 3, "steps": 2})
-    many = c.images.edit(image=[("a.png", png_bytes(), "image/png"), ("b.png", png_bytes((64, 48)), "image/png")],
+    many = c.images.edit(image=[("a.png", png_bytes(), "image/png"), ("b.png", png_bytes((96, 64)), "image/png")],
                          prompt="combine", extra_body={"seed": 4, "steps": 2})
     assert colour(base64.b64decode(one.data[0].b64_json)) == seed_colour(3, "make it green")
     assert [c["references"] for c in server.pipe.calls[before:]] == [1, 2]
-    assert many.size == "32x32"  # no size given: the first reference's size
+    assert many.size == "64x64"  # no size given: the first reference's size
 
 
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "x", "size": "100x100"}, "size"),
     ({"prompt": "x", "size": "big"}, "size"),
-    ({"prompt": "x", "size": "32x32", "n": 9}, "n"),
-    ({"prompt": "x", "size": "32x32", "steps": 0}, "steps"),
-    ({"prompt": "x", "size": "32x32", "steps": 500}, "steps"),
-    ({"prompt": "x", "size": "32x32", "loras": ["nope"]}, "loras"),
-    ({"prompt": "", "size": "32x32"}, "prompt"),
-    ({"size": "32x32"}, "prompt"),
+    ({"prompt": "x", "size": "64x64", "n": 9}, "n"),
+    ({"prompt": "x", "size": "64x64", "steps": 0}, "steps"),
+    ({"prompt": "x", "size": "64x64", "steps": 500}, "steps"),
+    ({"prompt": "x", "size": "64x64", "loras": ["nope"]}, "loras"),
+    ({"prompt": "", "size": "64x64"}, "prompt"),
+    ({"size": "64x64"}, "prompt"),
     ({"prompt": "x", "n": "many"}, "n"),
 ])
 def test_bad_json_requests_get_a_4xx_naming_the_field(server, body, param):
@@ -89,10 +89,12 @@ def test_bad_uploads_get_a_4xx(server):
     url = server.url + "/v1/images/edits"
     not_image = httpx.post(url, data={"prompt": "x"}, files={"image": ("a.png", b"not a picture", "image/png")})
     too_big = httpx.post(url, data={"prompt": "x"}, files={"image": ("a.png", b"\0" * 300_000, "image/png")})
+    too_small = httpx.post(url, data={"prompt": "x"}, files={"image": ("a.png", png_bytes((32, 32)), "image/png")})
     no_image = httpx.post(url, data={"prompt": "x"}, files={"other": ("a.txt", b"hi", "text/plain")})
     not_json = httpx.post(server.url + "/v1/images/generations", content=b"{oops", headers={"content-type": "application/json"})
     assert (not_image.status_code, not_image.json()["error"]["code"]) == (400, "invalid_image")
     assert (too_big.status_code, too_big.json()["error"]["code"]) == (413, "upload_too_large")
+    assert too_small.status_code == 400 and ">= 64 px" in too_small.json()["error"]["message"]
     assert no_image.status_code == 400 and "reference image" in no_image.json()["error"]["message"]
     assert not_json.status_code == 400
     with pytest.raises(openai.BadRequestError, match="size"):
@@ -113,7 +115,7 @@ def test_files_serves_generated_names_only(server, path):
 
 def test_jobs_api_and_event_stream(server):
     server.pipe.step_seconds = 0.05  # slow enough that the stream opens before the job ends
-    job = httpx.post(server.url + "/v1/jobs", json={"prompt": "stream me", "size": "32x32", "steps": 4, "seed": 9})
+    job = httpx.post(server.url + "/v1/jobs", json={"prompt": "stream me", "size": "64x64", "steps": 4, "seed": 9})
     assert job.status_code == 202
     job_id = job.json()["id"]
     events = []
@@ -133,7 +135,7 @@ def test_jobs_api_and_event_stream(server):
 
 
 def test_metrics_and_health(server):
-    httpx.post(server.url + "/v1/images/generations", json={"prompt": "m", "size": "32x32", "steps": 2})
+    httpx.post(server.url + "/v1/images/generations", json={"prompt": "m", "size": "64x64", "steps": 2})
     text = httpx.get(server.url + "/metrics").text
     assert "featherflux_queue_depth 0" in text
     assert 'featherflux_jobs{state="succeeded"}' in text
@@ -148,7 +150,7 @@ def test_queue_full_answers_429_with_retry_after_and_cancel_works(tmp_path):
     pipe = FakePipeline(step_seconds=0.05)
     app = create_app(pipe, output_dir=tmp_path, max_queue=2, max_batch=1)
     with LiveServer(app) as live:
-        body = {"prompt": "slow", "size": "32x32", "steps": 100}
+        body = {"prompt": "slow", "size": "64x64", "steps": 100}
         ids = [httpx.post(live.url + "/v1/jobs", json=body).json()["id"]]
         while httpx.get(f"{live.url}/v1/jobs/{ids[0]}").json()["state"] != "running":
             time.sleep(0.02)
@@ -157,7 +159,7 @@ def test_queue_full_answers_429_with_retry_after_and_cancel_works(tmp_path):
         assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
         assert full.json()["error"]["code"] == "queue_full"
         with pytest.raises(openai.RateLimitError):
-            client(live).images.generate(prompt="x", size="32x32")
+            client(live).images.generate(prompt="x", size="64x64")
         cancelled = [httpx.delete(f"{live.url}/v1/jobs/{i}").json() for i in ids[1:] + ids[:1]]
         assert [c["state"] for c in cancelled] == ["cancelled", "cancelled", "running"]  # running: at next step
         deadline = time.monotonic() + 5
@@ -172,12 +174,12 @@ def test_api_keys_and_rate_limit(tmp_path):
     alice, bob = add_key(keys, "alice"), add_key(keys, "bob")
     app = create_app(FakePipeline(), output_dir=tmp_path / "out", api_keys=keys, rate_limit=(60.0, 2))
     with LiveServer(app) as live:
-        body = {"prompt": "k", "size": "32x32", "steps": 1}
+        body = {"prompt": "k", "size": "64x64", "steps": 1}
         missing = httpx.post(live.url + "/v1/images/generations", json=body)
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
         with pytest.raises(openai.AuthenticationError):
-            client(live, key="ff-wrong").images.generate(prompt="k", size="32x32")
-        job = client(live, key=alice).images.generate(prompt="k", size="32x32", extra_body={"steps": 1})
+            client(live, key="ff-wrong").images.generate(prompt="k", size="64x64")
+        job = client(live, key=alice).images.generate(prompt="k", size="64x64", extra_body={"steps": 1})
         assert len(job.data) == 1
         job_id = httpx.post(live.url + "/v1/jobs", json=body, headers={"Authorization": f"Bearer {alice}"}).json()["id"]
         limited = httpx.post(live.url + "/v1/jobs", json=body, headers={"Authorization": f"Bearer {alice}"})
@@ -195,7 +197,7 @@ def test_sixteen_concurrent_clients_each_get_their_own_picture(tmp_path):
     with LiveServer(app) as live:
         def one(i):
             try:
-                r = client(live).images.generate(prompt=f"client {i}", size="32x32",
+                r = client(live).images.generate(prompt=f"client {i}", size="64x64",
                                                  extra_body={"seed": 1000 + i, "steps": 3})
                 results[i] = [colour(base64.b64decode(d.b64_json)) for d in r.data]
             except Exception as e:  # reported below; a thread cannot fail the test by itself

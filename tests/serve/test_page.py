@@ -24,15 +24,15 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 def test_page_generates_with_live_progress_and_shows_the_picture(tmp_path):
     pipe = FakePipeline(step_seconds=0.15)
     reference = io.BytesIO()
-    Image.new("RGB", (32, 32), "green").save(reference, format="PNG")
+    Image.new("RGB", (64, 64), "green").save(reference, format="PNG")
     with LiveServer(create_app(pipe, output_dir=tmp_path)) as live, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page()
             page.goto(live.url + "/")
             page.fill("#prompt", "a lighthouse at dusk")
-            page.fill("#width", "48")
-            page.fill("#height", "32")
+            page.fill("#width", "80")
+            page.fill("#height", "64")
             page.fill("#steps", "8")
             page.fill("#seed", "42")
             page.set_input_files("#references", files=[
@@ -46,12 +46,12 @@ def test_page_generates_with_live_progress_and_shows_the_picture(tmp_path):
             assert page.text_content("#status") == "Done."
             assert page.eval_on_selector("#progress", "p => p.value") == 1
             caption = page.text_content("#gallery figcaption")
-            assert "a lighthouse at dusk" in caption and "48x32" in caption and "seed 42" in caption
+            assert "a lighthouse at dusk" in caption and "80x64" in caption and "seed 42" in caption
             href = page.get_attribute("#gallery a.download", "href")
         finally:
             browser.close()
         assert href.startswith(live.url + "/v1/files/")
         png = httpx.get(href).content
     with Image.open(io.BytesIO(png)) as image:
-        assert image.size == (48, 32) and image.getpixel((0, 0)) == seed_colour(42, "a lighthouse at dusk")
+        assert image.size == (80, 64) and image.getpixel((0, 0)) == seed_colour(42, "a lighthouse at dusk")
     assert pipe.calls[0]["references"] == 1

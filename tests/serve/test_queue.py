@@ -9,7 +9,7 @@ from featherflux.serve.queue import JobQueue, JobSpec, QueueFull
 from tests.serve.fakes import FakePipeline, seed_colour
 
 
-def spec(prompt="a cat", seed=1, size=32, steps=2, n=1, **kw) -> JobSpec:
+def spec(prompt="a cat", seed=1, size=64, steps=2, n=1, **kw) -> JobSpec:
     return JobSpec(prompt=prompt, width=size, height=size, steps=steps, guidance=4.0, seed=seed, n=n, **kw)
 
 
@@ -43,7 +43,7 @@ def test_compatible_jobs_share_a_call_and_keep_their_own_seeds(tmp_path):
     queue = JobQueue(pipe, output_dir=tmp_path, max_batch=4)
     jobs = [queue.submit(f"user{i}", spec(f"p{i}", seed=100 + i)) for i in range(3)]
     jobs.append(queue.submit("user9", spec("two", seed=7, n=2)))  # would make 5 images: next call
-    jobs.append(queue.submit("user8", spec("big", seed=8, size=64)))  # other size: its own call
+    jobs.append(queue.submit("user8", spec("big", seed=8, size=128)))  # other size: its own call
     queue.start()
     wait_done(queue, jobs)
     queue.close()

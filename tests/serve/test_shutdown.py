@@ -32,7 +32,7 @@ def test_sigterm_keeps_every_accepted_job_and_a_restart_finishes_them(tmp_path):
     server = start(tmp_path, port)
     try:
         with httpx.Client() as http:
-            ids = [http.post(url + "/v1/jobs", json={"prompt": f"job {i}", "size": "32x32", "steps": 20, "seed": i}
+            ids = [http.post(url + "/v1/jobs", json={"prompt": f"job {i}", "size": "64x64", "steps": 20, "seed": i}
                              ).json()["id"] for i in range(4)]
             while http.get(f"{url}/v1/jobs/{ids[0]}").json()["state"] == "queued":
                 time.sleep(0.02)

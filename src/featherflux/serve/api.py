@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from featherflux.errors import UserError
+from featherflux.pipeline import DEFAULT_SIZES, MAX_PIXELS, MIN_SIDE
 from featherflux.serve import files
 from featherflux.serve.auth import RateLimiter, find_key, read_keys
 from featherflux.serve.queue import FINISHED, STEP_BUCKETS, JobQueue, JobSpec, QueueFull, ShuttingDown
@@ -43,11 +44,11 @@ STATIC = Path(__file__).parent / "static"
 class Limits:
     max_n: int = 4
     max_steps: int = 100
-    max_side: int = 2048
+    min_side: int = MIN_SIDE  # the pipeline's own size rules, checked before a job is queued
+    max_pixels: int = MAX_PIXELS
     max_references: int = 4
     max_upload_bytes: int = 10 * 1024 * 1024
     max_prompt_chars: int = 4000
-    default_size: tuple[int, int] = (1024, 1024)
     reference_area: int = 1024 * 1024  # an edit without `size` takes the first reference's size, shrunk to this
 
 
@@ -90,9 +91,9 @@ def _parse_size(size: str | None, limits: Limits) -> tuple[int, int] | None:
         width, height = (int(x) for x in size.lower().split("x"))
     except ValueError:
         raise ApiError(400, f"size {size!r} is not WIDTHxHEIGHT, for example '1024x1024'", param="size") from None
-    if not (16 <= width <= limits.max_side and 16 <= height <= limits.max_side) or width % 16 or height % 16:
-        raise ApiError(400, f"size {size!r}: width and height must be multiples of 16 between 16 and "
-                            f"{limits.max_side}", param="size")
+    if min(width, height) < limits.min_side or width * height > limits.max_pixels or width % 16 or height % 16:
+        raise ApiError(400, f"size {size!r}: width and height must be multiples of 16, at least {limits.min_side}, "
+                            f"and width x height at most {limits.max_pixels} pixels", param="size")
     return width, height
 
 
@@ -131,6 +132,7 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
     family = getattr(pipeline, "family", None)
     default_steps = getattr(family, "default_steps", 28)
     default_guidance = getattr(family, "default_guidance", 4.0)
+    default_side = DEFAULT_SIZES.get(getattr(family, "name", None), 1024)
     keys = read_keys(api_keys) if api_keys is not None else None
     limiter = RateLimiter(*rate_limit)
     loras = dict(loras or {})
@@ -247,7 +249,7 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
         guidance = default_guidance if params.guidance is None else params.guidance
         if not 0.0 <= guidance <= 30.0:
             raise ApiError(400, f"guidance={guidance}; use 0 to 30", param="guidance")
-        width, height = _parse_size(params.size, limits) or reference_size or limits.default_size
+        width, height = _parse_size(params.size, limits) or reference_size or (default_side, default_side)
         seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
         if not 0 <= seed < 2**63 - limits.max_n:
             raise ApiError(400, f"seed={seed}; use 0 to 2**63 - {limits.max_n + 1}", param="seed")
@@ -370,7 +372,9 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
     @app.get("/health")
     async def health():
         return {"status": "ok" if queue.accepting else "shutting_down", "queue_depth": queue.depth(),
-                "jobs": queue.counts()}
+                "jobs": queue.counts(), "model": getattr(pipeline, "model_id", None),
+                "defaults": {"size": f"{default_side}x{default_side}", "steps": default_steps,
+                             "guidance": default_guidance, "max_n": limits.max_n, "max_steps": limits.max_steps}}
 
     @app.get("/metrics")
     async def metrics():

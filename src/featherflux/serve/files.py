@@ -8,16 +8,14 @@ folder and are never served back.
 from __future__ import annotations
 
 import io
-import json
-import os
 import re
-import tempfile
 import uuid
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from featherflux.errors import UserError
+from featherflux.images import reference_tensor, save_png
 
 OUTPUT_NAME = re.compile(r"[0-9a-f]{32}-[0-9]{1,3}\.png")
 UPLOAD_NAME = re.compile(r"[0-9a-f]{32}\.png")
@@ -28,26 +26,10 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _write_atomic(folder: Path, name: str, image: Image.Image, pnginfo: PngImagePlugin.PngInfo | None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=pnginfo)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return folder / name
-
-
 def write_output(folder: Path, job_id: str, index: int, image: Image.Image, parameters: dict) -> str:
-    """Write one generated image with its parameters as a JSON `parameters` text chunk; return its name."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
-    info.add_text("Software", "featherflux")
+    """Write one generated image, atomically, with its parameters in PNG text chunks; return its name."""
     name = f"{job_id}-{index}.png"
-    _write_atomic(folder, name, image, info)
+    save_png(image, folder / name, parameters)
     return name
 
 
@@ -70,13 +52,15 @@ def decode_upload(data: bytes, *, what: str) -> Image.Image:
         raise
     except Exception as e:  # PIL raises many types for bad bytes; all mean the same to the client
         raise UserError(f"{what} is not a readable image (PNG, JPEG or WebP): {e}") from None
-    return image.convert("RGB")
+    image = image.convert("RGB")
+    reference_tensor(image, what)  # the pipeline's own size and aspect checks, before the job is queued
+    return image
 
 
 def save_upload(folder: Path, image: Image.Image) -> str:
     """Keep a reference image on disk (so a queued job survives a restart); return its name under `uploads/`."""
     name = f"{new_id()}.png"
-    _write_atomic(folder / "uploads", name, image, None)
+    save_png(image, folder / "uploads" / name, {"source": "upload"})
     return name
 
 

@@ -342,6 +342,7 @@ class JobQueue:
                 prompt=[job.spec.prompt for job in batch for _ in range(job.spec.n)], height=spec.height,
                 width=spec.width, num_inference_steps=spec.steps, guidance_scale=spec.guidance,
                 generator=generators, num_images_per_prompt=1, output_type="pil", callback_on_step_end=on_step,
+                show_progress=False,
                 **kwargs,
             ).images
         except _Stop:
