@@ -85,6 +85,42 @@ class Flux2Pipeline:
     def true_cfg(self) -> bool:
         return not self.family.guidance_distilled
 
+    # LORA: adapters on the transformer; the logic lives in featherflux.lora, these only delegate
+
+    def load_lora(self, path, name: str | None = None, scale: float = 1.0) -> str:
+        """Add a LoRA/LoKr file (diffusers, BFL/ComfyUI, kohya or LyCORIS keys); returns its name."""
+        from featherflux.lora import load_lora
+
+        return load_lora(self.transformer, path, name=name, scale=scale)
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        from featherflux.lora import set_lora_scale
+
+        set_lora_scale(self.transformer, name, scale)
+
+    def set_loras(self, wanted: dict) -> None:
+        """Make exactly `wanted` = {name: (path, scale)} active; other loaded adapters stay cached at scale 0."""
+        from featherflux.lora import set_loras
+
+        set_loras(self.transformer, wanted)
+
+    def fuse_lora(self) -> None:
+        from featherflux.lora import fuse_lora
+
+        fuse_lora(self.transformer)
+
+    def unfuse_lora(self) -> None:
+        from featherflux.lora import unfuse_lora
+
+        unfuse_lora(self.transformer)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        from featherflux.lora import unload_lora
+
+        unload_lora(self.transformer, name)
+
+    # end LORA
+
     # the public call
 
     def __call__(
