@@ -49,6 +49,13 @@ def test_train_lora_command(tmp_path, klein_dir, capsys):
     tuned = pipe(prompt="a red square", height=64, width=64, num_inference_steps=2, seed=0, output_type="pt")
     assert not (plain.images == tuned.images).all()
 
+    png = tmp_path / "with_lora.png"
+    assert main(["generate", "a red square", "--model", str(klein_dir), "--lora", f"{out / 'lora.safetensors'}:0.5",
+                 "--steps", "2", "--width", "64", "--height", "64", "--seed", "0", "-o", str(png)]) == 0
+    from featherflux.images import read_png_parameters
+
+    assert read_png_parameters(png)["loras"] == [f"{out / 'lora.safetensors'}:0.5"]
+
 
 def test_bad_data_folders(tmp_path, klein_dir):
     (tmp_path / "empty").mkdir()

@@ -37,7 +37,18 @@ def register(subparsers) -> None:
     p.add_argument("--text-encoder", metavar="URL",  # ENC: featherflux.serve.encoder_client
                    help="encode prompts on a `featherflux encode-server` at URL instead of loading the text encoder "
                         "(token from $FEATHERFLUX_TEXT_ENCODER_TOKEN)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",  # LORA: featherflux.lora
+                   type=parse_lora_arg, help="apply a LoRA file (any common format) at SCALE (default 1); repeatable")
     p.set_defaults(func=run)
+
+
+def parse_lora_arg(value: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (LORA); a colon that is not followed by a number belongs to the path."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
 
 
 def output_paths(output: str | None, seed: int, count: int) -> list[Path]:
@@ -74,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             pipe = load_pipeline(model, device=args.device, dtype=DTYPES.get(args.dtype),
                                  text_encoder=args.text_encoder)  # ENC
+            for lora_path, lora_scale in args.lora:  # LORA
+                pipe.load_lora(lora_path, scale=lora_scale)
             steps = args.steps or pipe.family.default_steps
             guidance = pipe.family.default_guidance if args.guidance is None else args.guidance
             images = pipe(
@@ -96,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
                     "steps": steps,
                     "guidance": guidance,
                     "references": [str(p) for p in args.image],
+                    "loras": [f"{p}:{w}" for p, w in args.lora],  # LORA
                     "software": "featherflux",
                 }
                 save_png(image, path, parameters)

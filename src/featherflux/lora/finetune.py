@@ -35,16 +35,14 @@ def finetune(setup: FinetuneSetup, config: TrainConfig) -> TrainResult:
     from featherflux.images import save_png
     from featherflux.pipeline import load_pipeline
 
+    if not Path(setup.data).is_dir():
+        raise UserError(f"training data folder not found: {setup.data}")
     output = Path(setup.output)
     output.mkdir(parents=True, exist_ok=True)
     if setup.quantize and config.mode == "full":
         raise UserError("--quantize trains a LoRA on a frozen quantized base; it cannot be combined with --mode full")
-    encoder = None
-    if setup.text_encoder:
-        from featherflux.serve.encoder_client import RemotePromptEncoder
-
-        encoder = RemotePromptEncoder(setup.text_encoder, setup.text_encoder_token)
-    pipe = load_pipeline(setup.model, device=setup.device, dtype=setup.dtype, prompt_encoder=encoder)
+    pipe = load_pipeline(setup.model, device=setup.device, dtype=setup.dtype, text_encoder=setup.text_encoder,
+                         text_encoder_token=setup.text_encoder_token)
     length = setup.max_sequence_length or pipe.family.text_encoder.max_length
     prompts = (setup.validation_prompt,) if setup.validation_prompt else ()
     key = cache_key(setup.data, setup.resolution, setup.buckets, length, setup.model) + repr(prompts)
