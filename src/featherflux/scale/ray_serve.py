@@ -44,10 +44,13 @@ class ReplicaSettings:
     job_timeout: float = 600.0
     rate_limit: float = 120.0  # per key and per replica
     burst: int = 30
+    drain_seconds: float = 30.0
     lora_dir: str | None = None
     device: str = "cpu"
     dtype: str | None = None  # "bfloat16", ...; None keeps the checkpoint's
-    placement: dict = field(default_factory=dict)  # vram, offload, quantize, text_encoder: passed to load_pipeline
+    placement: dict = field(default_factory=dict)  # vram, ram, offload, quantize: passed to load_pipeline
+    text_encoder: str | None = None  # URL of a `featherflux encode-server` every replica encodes prompts on
+    text_encoder_token: str | None = None
 
 
 @serve.deployment
@@ -60,7 +63,12 @@ class ImageService:
 
         self.settings = settings
         dtype = getattr(torch, settings.dtype) if settings.dtype else None
-        self.pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype, **settings.placement)
+        placement = dict(settings.placement)
+        if settings.text_encoder is not None:
+            from featherflux.serve.encoder_client import RemotePromptEncoder
+
+            placement["prompt_encoder"] = RemotePromptEncoder(settings.text_encoder, settings.text_encoder_token)
+        self.pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype, **placement)
 
     def __serve_build_asgi_app__(self):
         from featherflux.scale.job_board import shared_jobs
@@ -72,7 +80,7 @@ class ImageService:
         loras = {p.stem: p for p in sorted(Path(s.lora_dir).glob("*.safetensors"))} if s.lora_dir else None
         app = create_app(self.pipe, api_keys=Path(s.api_keys) if s.api_keys else None, max_queue=s.max_queue,
                          output_dir=output_dir, max_batch=s.max_batch, job_timeout=s.job_timeout,
-                         rate_limit=(s.rate_limit, s.burst), loras=loras,
+                         rate_limit=(s.rate_limit, s.burst), loras=loras, drain_seconds=s.drain_seconds,
                          state_file=output_dir / f"queue-replica-{rank}.jsonl")
         return shared_jobs(app, replica=rank, api_keys=Path(s.api_keys) if s.api_keys else None)
 

@@ -1,0 +1,48 @@
+"""`featherflux serve --ray`: the flags SERVE's `cli/serve.py` adds, and the call that runs the server on Ray Serve.
+
+Kept out of `cli/serve.py` so that command's module stays SERVE's; ray itself is imported only when `--ray` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from featherflux.errors import UserError
+
+PLACEMENT = ("vram", "ram", "offload", "quantize")  # load_pipeline options passed on when given
+
+
+def add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    ray = p.add_argument_group("Ray Serve (many replicas, many machines)")
+    ray.add_argument("--ray", action="store_true", help="serve replicas of this server on Ray Serve")
+    count = ray.add_mutually_exclusive_group()
+    count.add_argument("--replicas", type=int, default=1, help="fixed number of replicas (default 1)")
+    count.add_argument("--autoscale", metavar="MIN:MAX", help="scale replicas between MIN and MAX on queue depth")
+    ray.add_argument("--gpus-per-replica", type=float, default=None,
+                     help="GPUs each replica holds (default 1 with --device cuda, else 0); fractions share a GPU")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPU slots each replica holds (default 1)")
+    ray.add_argument("--address", help="Ray cluster to deploy to, e.g. ray://head:10001 or auto (default: start "
+                                       "a local one, or RAY_ADDRESS)")
+
+
+def serve_on_ray(args: argparse.Namespace) -> int:
+    from featherflux.scale.ray_serve import ReplicaSettings, parse_autoscale, run
+
+    if args.max_queue < 1 or args.max_batch < 1:
+        raise UserError("--max-queue and --max-batch must be at least 1")
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if str(args.device).startswith("cuda") else 0.0
+    settings = ReplicaSettings(
+        model=str(args.model), output_dir=str(args.output_dir.resolve()),
+        api_keys=str(args.api_keys.resolve()) if args.api_keys else None, max_queue=args.max_queue,
+        max_batch=args.max_batch, job_timeout=args.job_timeout, rate_limit=args.rate_limit, burst=args.burst,
+        drain_seconds=getattr(args, "drain_seconds", 30.0),
+        lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None, device=args.device, dtype=args.dtype,
+        placement={name: getattr(args, name) for name in PLACEMENT if getattr(args, name, None) is not None},
+        text_encoder=args.text_encoder, text_encoder_token=getattr(args, "text_encoder_token", None),
+    )
+    autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
+    run(settings, host=args.host, port=args.port, address=args.address, replicas=args.replicas, autoscale=autoscale,
+        gpus_per_replica=gpus, cpus_per_replica=args.cpus_per_replica)
+    return 0
