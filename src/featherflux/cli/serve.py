@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from featherflux.errors import UserError
+from featherflux.scale.serve_cli import add_ray_arguments, serve_on_ray  # --ray: the scale engineer's
 
 PLACEMENT = ("vram", "offload", "quantize", "text_encoder")  # passed to load_pipeline only when given
 
@@ -33,10 +34,13 @@ def register(subparsers) -> None:
     p.add_argument("--offload", help="offload mode for modest hardware (see `featherflux generate --help`)")
     p.add_argument("--quantize", help="weight quantization (see `featherflux generate --help`)")
     p.add_argument("--text-encoder", help="URL of a `featherflux encode-server` to encode prompts remotely")
+    add_ray_arguments(p)  # --ray, --replicas, --autoscale, --gpus-per-replica, --address
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:  # replicas of this server on Ray Serve (featherflux.scale.serve_cli)
+        return serve_on_ray(args)
     from featherflux.pipeline import load_pipeline
     from featherflux.serve.api import create_app, run_server
 
