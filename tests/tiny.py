@@ -231,6 +231,38 @@ def save_tiny_pipeline(kind: str, folder: str | Path) -> Path:
     return folder
 
 
+def save_family_pipeline(family_name: str, folder: str | Path) -> Path:
+    """A random-weight klein-style pipeline with exactly the shapes of a small named family (e.g. "demo"), saved
+    with diffusers' `save_pretrained`, so `load_pipeline` must recognise the family from the configs."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from featherflux.model.config import get_family
+    from featherflux.weights.autoencoder import config_to_diffusers as ae_config
+    from featherflux.weights.transformer import config_to_diffusers as dit_config
+
+    family = get_family(family_name)
+    te = family.text_encoder
+    if te.arch != "qwen3" or family.dit.guidance_embed:
+        raise ValueError(f"{family_name} is not a klein-style family")
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(**strip(ae_config(family.autoencoder)))
+    torch.manual_seed(1)
+    transformer = Flux2Transformer2DModel(**strip(dit_config(family.dit)))
+    torch.manual_seed(2)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=te.vocab_size, hidden_size=te.hidden_size, intermediate_size=te.intermediate_size,
+        num_hidden_layers=te.num_layers, num_attention_heads=te.num_heads, num_key_value_heads=te.num_kv_heads,
+        head_dim=te.head_dim, tie_word_embeddings=te.tie_embeddings, max_position_embeddings=1024,
+    ))
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=vae,
+                              text_encoder=text_encoder, tokenizer=qwen_tokenizer(), transformer=transformer,
+                              is_distilled=family.guidance_distilled)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
 _CACHE: dict[str, Path] = {}
 
 
