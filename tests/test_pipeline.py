@@ -168,6 +168,21 @@ def test_load_errors_name_the_problem(scratch, tmp_path):
         load_pipeline("nobody/no-such-model")
 
 
+def test_hub_repo_id_resolves_from_the_local_cache(scratch, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from featherflux.loading import resolve_model_path
+
+    repo = tmp_path / "hub" / "models--someone--tiny-klein"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_pipeline_dir("klein", scratch), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder, model_id = resolve_model_path("someone/tiny-klein")
+    assert folder == repo / "snapshots" / commit and model_id == "someone/tiny-klein"
+
+
 def test_variants_and_families(pipes):
     dev, klein, base, kv = (pipes(k)[0] for k in ("dev", "klein", "klein-base", "klein-kv"))
     assert dev.family.dit.guidance_embed and not dev.true_cfg and dev.family.default_steps == 50

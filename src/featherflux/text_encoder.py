@@ -119,7 +119,7 @@ def _mistral_chat(tokenizer, prompt: str) -> str:
         {"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
         {"role": "user", "content": [{"type": "text", "text": prompt}]},
     ]
-    if tokenizer.chat_template:
+    if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     # The Mistral Small 3.x format, for tokenizer folders that ship the template with the processor only.
     return f"{tokenizer.bos_token}[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{prompt}[/INST]"
@@ -143,20 +143,19 @@ def text_config_from_folder(folder: Path):
 
 
 def load_tokenizer(folder: Path):
+    """The tokenizer class the folder names (as diffusers gets it); a processor folder that needs packages we do
+    not have (Pixtral wants torchvision) falls back to the plain fast tokenizer in tokenizer.json."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if (folder / "tokenizer.json").exists():
-        try:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
-        except (OSError, ValueError, TypeError) as e:
-            raise WeightsError(f"cannot load the tokenizer in {folder}: {e}") from None
-        if not tokenizer.chat_template and (folder / "chat_template.json").exists():
-            tokenizer.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
-        return tokenizer
     try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as e:
-        raise WeightsError(f"cannot load the tokenizer in {folder}: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        if not (folder / "tokenizer.json").exists():
+            raise WeightsError(f"cannot load the tokenizer in {folder}: {e}") from None
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    if not getattr(tokenizer, "chat_template", None) and (folder / "chat_template.json").exists():
+        tokenizer.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+    return tokenizer
 
 
 @contextlib.contextmanager
