@@ -34,13 +34,10 @@ from featherflux.serve.encoder_service import create_encoder_app  # noqa: E402
 
 
 def tiny_encoder(folder: Path):
-    from featherflux.text_encoder import load_prompt_encoder
+    from featherflux.serve.encoder_service import load_pipeline_prompt_encoder
     from tests.tiny import save_tiny_pipeline
 
-    path = save_tiny_pipeline("klein", folder / "tiny-klein")
-    return load_prompt_encoder(
-        path / "text_encoder", path / "tokenizer", out_layers=(9, 18, 27), family="klein-4b", model_id=str(path)
-    )
+    return load_pipeline_prompt_encoder(str(save_tiny_pipeline("klein", folder / "tiny-klein")))
 
 
 class Server:
