@@ -234,7 +234,12 @@ def save_tiny_pipeline(kind: str, folder: str | Path) -> Path:
 def save_family_pipeline(family_name: str, folder: str | Path) -> Path:
     """A random-weight klein-style pipeline with exactly the shapes of a small named family (e.g. "demo"), saved
     with diffusers' `save_pretrained`, so `load_pipeline` must recognise the family from the configs."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from featherflux.model.config import get_family

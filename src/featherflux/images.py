@@ -38,7 +38,9 @@ def open_reference_image(path: str | os.PathLike) -> Image.Image:
     except FileNotFoundError:
         raise UserError(f"reference image {path} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"reference image {path} cannot be read as an image ({e}); use a PNG, JPEG or WebP file") from None
+        raise UserError(
+            f"reference image {path} cannot be read as an image ({e}); use a PNG, JPEG or WebP file"
+        ) from None
 
 
 def reference_tensor(image: Image.Image, name: str, multiple: int = 16) -> Tensor:

@@ -38,7 +38,9 @@ def resolve_model_path(path_or_repo_id: str | Path) -> tuple[Path, str]:
     if name == "demo":
         folder = demo_folder()
         if not (folder / "model_index.json").is_file():
-            raise UserError(f"the demo model is not installed at {folder}; train it with `python -m featherflux.demo.train`")
+            raise UserError(
+                f"the demo model is not installed at {folder}; train it with `python -m featherflux.demo.train`"
+            )
         return folder, "demo"
     path = Path(name).expanduser()
     if path.is_dir():
@@ -128,7 +130,7 @@ def build_family(folder: Path, variant: str, out_layers: tuple[int, ...] | None 
     from featherflux.weights.transformer import config_from_diffusers as dit_config
 
     transformer_json = component(folder, "transformer") / "config.json"
-    dit: DiTConfig = dit_config(_read_json(transformer_json, "expected a diffusers transformer config"), transformer_json)
+    dit: DiTConfig = dit_config(_read_json(transformer_json, "expected a diffusers config"), transformer_json)
     ae = ae_config(_read_json(component(folder, "vae") / "config.json", "expected a diffusers VAE config"))
     defaults = VARIANT_DEFAULTS[variant]
     text = None

@@ -32,7 +32,16 @@ from featherflux.errors import UserError
 from featherflux.images import open_reference_image, postprocess, reference_tensor
 from featherflux.memory import phase, place_pipeline, retry_on_oom  # MEM: placement hooks
 from featherflux.model.config import FamilyConfig
-from featherflux.sampling import euler_step, get_schedule, image_ids, initial_noise, pack, reference_ids, text_ids, unpack
+from featherflux.sampling import (
+    euler_step,
+    get_schedule,
+    image_ids,
+    initial_noise,
+    pack,
+    reference_ids,
+    text_ids,
+    unpack,
+)
 
 MAX_REFERENCES = 10
 MIN_SIDE = 64
@@ -301,7 +310,8 @@ class Flux2Pipeline:
         shape = (batch, self.family.dit.in_channels, h, w)
         if request.latents is not None:
             if tuple(request.latents.shape) != shape:
-                raise UserError(f"latents must have shape {shape} (B, C, H/16, W/16); got {tuple(request.latents.shape)}")
+                got = tuple(request.latents.shape)
+                raise UserError(f"latents must have shape {shape} (B, C, H/16, W/16); got {got}")
             noise = request.latents
         else:
             if isinstance(request.generator, list) and len(request.generator) != batch:
@@ -405,7 +415,8 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
     autoencoder = load_autoencoder(component(folder, "vae"), device=device, dtype=dtype)
     if prompt_encoder is None:
         prompt_encoder = load_prompt_encoder(
-            component(folder, "text_encoder"), component(folder, "tokenizer"), out_layers=family.text_encoder.out_layers,
+            component(folder, "text_encoder"), component(folder, "tokenizer"),
+            out_layers=family.text_encoder.out_layers,
             family=family.name, model_id=model_id, device=device, dtype=dtype,
         )
     pipe = Flux2Pipeline(transformer, autoencoder, prompt_encoder, family, kv_references=variant == "klein-kv",

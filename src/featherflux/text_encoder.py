@@ -100,8 +100,8 @@ class PromptEncoder:
         kept = len(self.model.layers)
         if max(out_layers) > kept or min(out_layers) < 0:
             raise ValueError(
-                f"text encoder layers {out_layers} requested, but {self.model_id} was loaded with {kept} decoder layers; "
-                f"load the pipeline with text_encoder_out_layers={out_layers}"
+                f"text encoder layers {out_layers} requested, but {self.model_id} was loaded with {kept} decoder "
+                f"layers; load the pipeline with text_encoder_out_layers={out_layers}"
             )
         inputs = self.tokenize(list(prompts), max_sequence_length)
         out = self.model(
