@@ -284,7 +284,9 @@ class Flux2Pipeline:
 
     def _encode(self, prompts: list[str], request: Request) -> Tensor:
         if self.prompt_encoder is None:
-            raise UserError("this pipeline was loaded without a text encoder; pass prompt_embeds")
+            raise UserError(
+                "this pipeline has no text encoder; pass prompt_embeds (and negative_prompt_embeds for true CFG)"
+            )
         if request.out_layers is not None:
             out = self.prompt_encoder.encode(prompts, request.max_sequence_length, out_layers=request.out_layers)
         else:
