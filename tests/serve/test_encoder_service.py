@@ -171,7 +171,8 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up():
             (dict(json={"prompts": ["a"], "guidance": 3}), 400, "unknown fields"),
             (dict(json={"prompts": ["a"] * 5}), 413, "limit is 4"),
             (dict(json={"prompts": ["a" * 101]}), 413, "limit is 100"),
-            (dict(json={"prompts": ["a" * 90] * 30}), 413, "limit of 2000|limit is 2000"),
+            (dict(json={"prompts": ["a" * 90] * 30}), 413, "body is 2\\d+ bytes; the limit is 2000"),
+            (dict(content=iter([b'{"prompts": ["', b"a" * 2500, b'"]}'])), 413, "exceeds the limit of 2000"),  # chunked
         ]
         for kwargs, status, message in cases:
             answer = httpx.post(url, **kwargs)
@@ -180,6 +181,7 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up():
         assert encoder.batches == []  # nothing bad reached the encoder
         assert httpx.post(url, json={"prompts": ["fine"], "max_sequence_length": 4}).status_code == 200
         assert metric(server.url, 'featherflux_encoder_requests_total{code="400"}') == 8
+        assert metric(server.url, 'featherflux_encoder_requests_total{code="413"}') == 4
 
 
 def test_encoder_failure_is_a_500_and_the_client_retries_then_raises():
