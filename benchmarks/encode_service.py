@@ -122,11 +122,13 @@ def main():
     print(f"in-process encoder, all prompts in one call {local_batch:8.1f} prompts/s")
     print(f"service, 1 client, sequential requests      {sequential:8.1f} prompts/s")
     print(f"service, {args.clients} clients, batching off         {unbatched:8.1f} prompts/s")
-    print(f"service, {args.clients} clients, micro-batching       {batched:8.1f} prompts/s  (mean {batch:.1f} prompts/call)")
-    print(f"batched vs sequential: {batched / sequential:.2f}x; batched vs unbatched concurrent: {batched / unbatched:.2f}x")
+    print(f"service, {args.clients} clients, micro-batching       {batched:8.1f} prompts/s  ({batch:.1f} prompts/call)")
+    print(f"batched vs sequential: {batched / sequential:.2f}x; vs unbatched concurrent: {batched / unbatched:.2f}x")
     miss_ms, hit_ms = statistics.median(miss) * 1e3, statistics.median(hit) * 1e3
-    print(f"request latency, cache miss {miss_ms:.2f} ms, cache hit {hit_ms:.2f} ms (median of {len(miss)}; "
-          f"{miss_ms / hit_ms:.1f}x)")
+    print(
+        f"request latency, cache miss {miss_ms:.2f} ms, cache hit {hit_ms:.2f} ms (median of {len(miss)}; "
+        f"{miss_ms / hit_ms:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ class RemotePromptEncoder:
     ):
         """Connect to the encode server at `url`.
 
-        `token` defaults to $FEATHERFLUX_TEXT_ENCODER_TOKEN. `family` (the pipeline's family name) must share its text encoder with the server's family, and
-        `context_dim` (the DiT's context width) must be the width of the embeddings the server sends; each check is
-        skipped when None.
+        `token` defaults to $FEATHERFLUX_TEXT_ENCODER_TOKEN. `family` (the pipeline's family name) must share its
+        text encoder with the server's family, and `context_dim` (the DiT's context width) must be the width of the
+        embeddings the server sends; each check is skipped when None.
         """
         if not url.startswith(("http://", "https://")):
             raise UserError(f"text encoder URL {url!r} must start with http:// or https://")
