@@ -2,7 +2,8 @@
 
 Both models hold the same random weights (diffusers' converted to our layout) and get the same inputs. Timed
 forwards alternate between the two (median of --rounds). Printed:
-- time per forward and the ratio featherflux / diffusers (below 1: we are faster);
+- time per forward and the ratio featherflux / diffusers (below 1: we are faster), in wall time and in the
+  process's CPU time (steadier when other jobs share the cores);
 - achieved FLOP/s of each (FLOPs counted once with torch.utils.flop_counter: matmuls and attention), next to a
   plain fp32 matmul of the model's typical shape measured in the same run, the practical ceiling;
 - peak memory of each forward: the rise of the process's peak resident set size (VmHWM) over its resident size
@@ -53,6 +54,12 @@ def seconds(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def wall_and_cpu_seconds(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def matmul_flops_per_s(m: int, k: int, n: int, repeats: int = 10) -> float:
@@ -111,9 +118,12 @@ def main():
         for _ in range(2):  # warm up both
             run_ours(), run_diffusers()
         times = {"featherflux": [], "diffusers": []}
+        cpu_times = {"featherflux": [], "diffusers": []}
         for _ in range(args.rounds):
-            times["featherflux"].append(seconds(run_ours))
-            times["diffusers"].append(seconds(run_diffusers))
+            for name, fn in (("featherflux", run_ours), ("diffusers", run_diffusers)):
+                wall, cpu = wall_and_cpu_seconds(fn)
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
         ceiling = matmul_flops_per_s(side * side + args.txt, args.hidden, 4 * args.hidden)
 
         LIBC.mallopt(M_MMAP_THRESHOLD, 64 * 1024)  # freed activations go back to the OS: RSS tracks live memory
@@ -138,6 +148,11 @@ def main():
             f"peak memory +{statistics.median(peaks[name]):.1f} MiB"
         )
     print(f"time ratio featherflux / diffusers: {median['featherflux'] / median['diffusers']:.3f}")
+    cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
+    print(  # on a shared machine CPU time is the steadier measure of the work each forward does
+        f"CPU-time ratio featherflux / diffusers: {cpu['featherflux'] / cpu['diffusers']:.3f} "
+        f"({cpu['featherflux']:.2f} s vs {cpu['diffusers']:.2f} s of CPU per forward)"
+    )
     print(
         "peak memory ratio featherflux / diffusers: "
         f"{statistics.median(peaks['featherflux']) / statistics.median(peaks['diffusers']):.3f}"

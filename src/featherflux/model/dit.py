@@ -156,7 +156,7 @@ class DoubleStreamBlock(nn.Module):
     def forward(
         self, img: Tensor, txt: Tensor, pe: Tensor, mod_img: Tensor, mod_txt: Tensor, ref_kv: RefKV | None = None
     ) -> tuple[Tensor, Tensor]:
-        """img (B, N, D), txt (B, L, D), pe for [txt, img], mods (B, 1 or N/L, 6D) -> (img, txt)."""
+        """img (B, N, D), txt (B, L, D), pe for [txt, img], mods (B, 1, 6D) -> (img, txt)."""
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mod_img.chunk(6, dim=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mod_txt.chunk(6, dim=-1)
 
@@ -194,7 +194,7 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(dim // num_heads)
 
     def forward(self, x: Tensor, pe: Tensor, mod: Tensor, ref_kv: RefKV | None = None) -> Tensor:
-        """x (B, L+N, D) = [txt, img], mod (B, 1 or L+N, 3D) -> x."""
+        """x (B, L+N, D) = [txt, img], mod (B, 1, 3D) -> x."""
         shift, scale, gate = mod.chunk(3, dim=-1)
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split(self.split_sizes, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
