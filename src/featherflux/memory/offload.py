@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from featherflux.errors import WeightsError
+from featherflux.memory.gguf import GGUFLinear
 from featherflux.memory.planner import Plan
-from featherflux.memory.quant import quantize
+from featherflux.memory.quant import Float8Linear, Int8Linear, NF4Linear, quantize
 from featherflux.memory.streaming import (
     DeviceLedger,
     Streamer,
@@ -41,6 +42,7 @@ from featherflux.memory.streaming import (
 )
 
 PHASES = ("text_encoder", "dit", "autoencoder")
+LINEAR_KINDS = (nn.Linear, Int8Linear, Float8Linear, NF4Linear, GGUFLinear)  # what sequential offload streams
 
 
 @dataclass
@@ -112,7 +114,7 @@ def apply_placement(pipe, plan: Plan, device: torch.device | str, ledger: Device
             if name == "dit" and mode == "stream":
                 entries, resident = block_entries([module.double_blocks, module.single_blocks]), plan.dit_resident_blocks
             elif name == "dit":
-                entries, resident = leaf_entries(module), ()
+                entries, resident = leaf_entries(module, LINEAR_KINDS), ()
             else:
                 entries, resident = block_entries([module.layers]), ()
             placement.streamers[name] = stream_modules(entries, device, resident, placement.ledger)
