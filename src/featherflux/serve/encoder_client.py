@@ -144,7 +144,7 @@ class RemotePromptEncoder:
         if response.status_code in (401, 403):
             raise RemoteEncoderError(
                 f"the encode server at {self.url} refused the token ({response.status_code}: {_message(response)}); "
-                "pass the server's token with text_encoder_token= / --text-encoder-token-file"
+                f"pass the server's token as text_encoder_token= or in ${TOKEN_ENV}"
             )
         if response.status_code != 200:
             raise RemoteEncoderError(
