@@ -251,23 +251,26 @@ def test_unreachable_server_is_a_clear_error():
 # --- a server process killed mid-request
 
 SERVER_SCRIPT = """
-import sys, time
+import pathlib, sys, time
 from featherflux.serve.encoder_service import run_encoder_server
 
 class Encoder:
     model_id, family = "hash-encoder", "klein-4b"
     def encode(self, prompts, max_sequence_length=512):
+        pathlib.Path(sys.argv[2]).touch()  # tells the test a request is inside the encoder
         time.sleep(60)
 
 run_encoder_server(Encoder(), port=int(sys.argv[1]))
 """
 
 
-def test_server_killed_mid_request_client_raises_cleanly_or_retries_onto_a_restart():
-    port = _free_port()
+def test_server_killed_mid_request_client_raises_cleanly_or_retries_onto_a_restart(tmp_path):
+    port, busy = _free_port(), tmp_path / "busy"
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, str(port)], env=env, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(port), str(busy)], env=env, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 120  # a cold torch import on a busy machine is slow
         while True:
@@ -281,14 +284,19 @@ def test_server_killed_mid_request_client_raises_cleanly_or_retries_onto_a_resta
         with ThreadPoolExecutor(2) as pool:
             failing = pool.submit(impatient.encode, ["abc"], 4)
             recovering = pool.submit(patient.encode, ["abcd"], 4)
-            time.sleep(0.5)  # both requests are now inside the encoder
+            deadline = time.monotonic() + 30
+            while not busy.exists():
+                assert time.monotonic() < deadline, "the request never reached the encoder"
+                time.sleep(0.05)
+            time.sleep(0.2)  # let the second request reach the server's queue too
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
-            with pytest.raises(RemoteEncoderError, match="cannot reach the encode server"):
+            with pytest.raises(
+                RemoteEncoderError, match="cannot reach the encode server.*(RemoteProtocolError|ReadError)"
+            ):
                 failing.result(timeout=10)
-            with Server(
-                create_encoder_app(HashEncoder()), port=port
-            ):  # comes up on the same port while the patient client backs off
+            # a new server comes up on the same port while the patient client backs off
+            with Server(create_encoder_app(HashEncoder()), port=port):
                 assert torch.equal(recovering.result(timeout=30), hash_embedding("abcd", 4)[None])
     finally:
         process.kill()
