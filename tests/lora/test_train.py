@@ -53,9 +53,9 @@ def test_lora_training_lowers_loss_and_diffusers_loads_it(tmp_path):
             torch.testing.assert_close(again(**kw), ours, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_resume_equals_uninterrupted(tmp_path, mode):
-    config = TrainConfig(mode=mode, steps=6, learning_rate=1e-3, batch_size=2, rank=2, checkpoint_every=2,
+@pytest.mark.parametrize("mode,optimizer", [("lora", "adamw"), ("full", "adamw"), ("lora", "adamw8bit")])
+def test_resume_equals_uninterrupted(tmp_path, mode, optimizer):
+    config = TrainConfig(mode=mode, optimizer=optimizer, steps=6, learning_rate=1e-3, batch_size=2, rank=2, checkpoint_every=2,
                          caption_dropout=0.3, gradient_checkpointing=True)
     straight = train(fresh_model(), tiny_data(), config, tmp_path / "a")
     train(fresh_model(), tiny_data(), config, tmp_path / "b", stop_after=3)  # dies after step 3, checkpoint at 2
@@ -76,3 +76,17 @@ def test_bad_training_settings(tmp_path):
         TrainConfig(mode="half")
     with pytest.raises(UserError, match="no layer matches"):
         train(fresh_model(), tiny_data(), TrainConfig(steps=1, targets=("nothing",)), tmp_path)
+
+
+def test_qlora_on_int8_base_trains_only_the_adapters(tmp_path):
+    from featherflux.memory.quant import quantize
+
+    model = quantize(fresh_model(), "int8")
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, tiny_data(), TrainConfig(steps=3, learning_rate=1e-2, rank=2, batch_size=2), tmp_path)
+    assert len(result.losses) == 3
+    after = {k.replace(".base.", "."): v for k, v in model.state_dict().items()}  # LoRALinear wraps the layer
+    changed = [k for k in after if k not in frozen]
+    assert changed and all(".adapters." in k for k in changed)
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen if k in after)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if k.endswith(".up"))

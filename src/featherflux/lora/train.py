@@ -359,16 +359,40 @@ def _save_checkpoint(output, step, epoch, batch_index, named, optimizer, noise_g
 
 
 def _flatten_optimizer(optimizer, names: list[str]) -> tuple[dict[str, Tensor], dict]:
-    """torch optimizer state -> tensors keyed `state.<param name>.<field>` + JSON (param groups, python numbers)."""
+    """torch optimizer state -> tensors keyed `state.<param name>.<field>` + JSON (param groups, python numbers).
+
+    Nested state (bitsandbytes keeps its 8-bit buffers in a dict) becomes `field/subfield`."""
     sd = optimizer.state_dict()
     tensors, numbers = {}, {}
+
+    def put(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                put(f"{prefix}/{k}", v)
+        elif isinstance(value, Tensor):
+            tensors[f"state.{prefix}"] = value
+        else:
+            numbers[prefix] = value
+
     for index, fields in sd["state"].items():
         for key, value in fields.items():
-            if isinstance(value, Tensor):
-                tensors[f"state.{names[index]}.{key}"] = value
-            else:
-                numbers[f"{names[index]}.{key}"] = value
+            put(f"{names[index]}.{key}", value)
     return tensors, {"param_groups": sd["param_groups"], "numbers": numbers}
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], numbers: dict, names: list[str]) -> dict[int, dict]:
+    index = {name: i for i, name in enumerate(names)}
+    state: dict[int, dict] = {}
+    items = [(k.removeprefix("state."), v) for k, v in tensors.items() if k.startswith("state.")]
+    for key, value in items + list(numbers.items()):
+        head, _, nested = key.partition("/")  # param names have dots, field names have none
+        name, field = head.rsplit(".", 1)
+        node = state.setdefault(index[name], {})
+        *parents, leaf = [field, *nested.split("/")] if nested else [field]
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return state
 
 
 def _latest_checkpoint(output: Path) -> Path | None:
@@ -390,14 +414,7 @@ def _load_checkpoint(path: Path, named, optimizer, noise_gen, config) -> tuple[i
         for k, p in named.items():
             p.copy_(trainable[k])
     tensors = load_file(path / "optimizer.safetensors")
-    names = list(named)
-    opt_state = {}
-    for i, name in enumerate(names):
-        fields = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == f"state.{name}"}
-        fields |= {k.rsplit(".", 1)[1]: v for k, v in state["optimizer"]["numbers"].items()
-                   if k.rsplit(".", 1)[0] == name}
-        if fields:
-            opt_state[i] = fields
+    opt_state = _unflatten_optimizer(tensors, state["optimizer"]["numbers"], list(named))
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
     noise_gen.set_state(tensors["rng.noise"])
     torch.set_rng_state(tensors["rng.torch"])
