@@ -162,6 +162,7 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up():
         url = server.url + "/v1/encode"
         cases = [
             (dict(content=b'{"prompts": ["a"'), 400, "not valid JSON"),
+            (dict(content=b"[" * 1900), 400, "not valid JSON"),
             (dict(json={"prompts": []}), 400, "empty"),
             (dict(json={"prompts": "a cat"}), 400, "list of strings"),
             (dict(json={"prompts": ["a", 3]}), 400, "list of strings"),
@@ -180,7 +181,7 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up():
             assert re.search(message, answer.json()["error"]["message"]), answer.text
         assert encoder.batches == []  # nothing bad reached the encoder
         assert httpx.post(url, json={"prompts": ["fine"], "max_sequence_length": 4}).status_code == 200
-        assert metric(server.url, 'featherflux_encoder_requests_total{code="400"}') == 8
+        assert metric(server.url, 'featherflux_encoder_requests_total{code="400"}') == 9
         assert metric(server.url, 'featherflux_encoder_requests_total{code="413"}') == 4
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from featherflux.serve.wire import MEDIA_TYPE, encode_embeddings
+
+log = logging.getLogger(__name__)
 
 MAX_SEQUENCE_LENGTH = 512  # the FLUX.2 encoders' context; longer prompts are truncated by the tokenizer
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -200,6 +203,7 @@ class Batcher:
             # clone: a cached row must not pin the whole batch's storage (the cache counts bytes per row)
             by_prompt = {prompt: embeds[i].clone() for i, prompt in enumerate(prompts)}
         except Exception as e:  # noqa: BLE001 - the encoder's failure fails this batch, not the server
+            log.exception("encoding %d prompts failed", len(prompts))
             self.metrics.encoder_errors += 1
             for job in jobs:
                 if not job.done.done():
@@ -251,8 +255,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def parse_encode_request(body: bytes, limits: Limits) -> tuple[list[str], int]:
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"request body is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: "[[[[..." bodies
+        raise RequestError(400, f"request body is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict):
         raise RequestError(400, 'request body must be a JSON object like {"prompts": ["a cat"]}')
     unknown = set(payload) - {"prompts", "max_sequence_length"}
@@ -345,6 +349,7 @@ def create_encoder_app(
             status = e.status
             return _error(e.status, e.message, e.kind)
         except Exception as e:  # noqa: BLE001 - whatever broke, this request gets a 500 and the server lives on
+            log.exception("POST /v1/encode failed")
             return _error(500, f"encoding failed: {type(e).__name__}: {e}", "server_error")
         finally:
             metrics.requests[status] = metrics.requests.get(status, 0) + 1
