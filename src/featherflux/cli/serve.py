@@ -11,12 +11,12 @@ import torch
 from featherflux.errors import UserError
 from featherflux.scale.serve_cli import add_ray_arguments, serve_on_ray  # --ray: the scale engineer's
 
-PLACEMENT = ("vram", "offload", "quantize", "text_encoder")  # passed to load_pipeline only when given
+PLACEMENT = ("vram", "ram", "offload", "quantize")  # passed to load_pipeline only when given
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP: OpenAI images API, jobs, metrics, web page")
-    p.add_argument("--model", required=True, help="pipeline folder or hub id (in the local cache)")
+    p.add_argument("--model", default="demo", help="pipeline folder, hub id in the local cache, or 'demo' (default)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8800)
     p.add_argument("--api-keys", type=Path, help="keys file made by `featherflux keys add`; without it, no auth")
@@ -27,13 +27,17 @@ def register(subparsers) -> None:
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds a job may run (default 600)")
     p.add_argument("--rate-limit", type=float, default=120.0, help="job requests per minute per key (default 120)")
     p.add_argument("--burst", type=int, default=30, help="job requests a key may make at once (default 30)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM, how long running jobs may finish before they are saved for the next start")
     p.add_argument("--lora-dir", type=Path, help="folder of *.safetensors LoRAs requests may name (by file stem)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the model's)")
-    p.add_argument("--vram", help="memory budget on the device, e.g. 12GB (placement planner)")
-    p.add_argument("--offload", help="offload mode for modest hardware (see `featherflux generate --help`)")
-    p.add_argument("--quantize", help="weight quantization (see `featherflux generate --help`)")
-    p.add_argument("--text-encoder", help="URL of a `featherflux encode-server` to encode prompts remotely")
+    p.add_argument("--vram", help="device memory budget for the placement planner, e.g. 24GiB (default: detected)")
+    p.add_argument("--ram", help="host memory budget for the placement planner (default: detected)")
+    p.add_argument("--offload", choices=["model", "blocks", "sequential"], help="offload mode (default: planner's)")
+    p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], help="weight quantization (default: planner's)")
+    p.add_argument("--text-encoder", metavar="URL", help="encode prompts on a `featherflux` encode server at URL")
+    p.add_argument("--text-encoder-token", help="bearer token for the encode server")
     add_ray_arguments(p)  # --ray, --replicas, --autoscale, --gpus-per-replica, --address
     p.set_defaults(func=run)
 
@@ -53,11 +57,15 @@ def run(args: argparse.Namespace) -> int:
         loras = {p.stem: p for p in sorted(args.lora_dir.glob("*.safetensors"))}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     placement = {name: getattr(args, name) for name in PLACEMENT if getattr(args, name) is not None}
+    if args.text_encoder is not None:
+        from featherflux.serve.encoder_client import RemotePromptEncoder
+
+        placement["prompt_encoder"] = RemotePromptEncoder(args.text_encoder, args.text_encoder_token)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = load_pipeline(args.model, device=args.device, dtype=dtype, **placement)
     app = create_app(pipe, api_keys=args.api_keys, max_queue=args.max_queue, output_dir=args.output_dir,
                      max_batch=args.max_batch, job_timeout=args.job_timeout, rate_limit=(args.rate_limit, args.burst),
-                     loras=loras)
+                     loras=loras, drain_seconds=args.drain_seconds)
     print(f"featherflux: serving {args.model} on http://{args.host}:{args.port}/ (images in {args.output_dir})",
           flush=True)
     run_server(app, host=args.host, port=args.port)

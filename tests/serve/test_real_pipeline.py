@@ -1,0 +1,90 @@
+"""End to end over the real pipeline: a tiny random klein model saved in diffusers' layout, loaded by our loader,
+served on loopback and driven by the `openai` client; and `featherflux serve` wiring its flags into the app."""
+
+import base64
+import io
+import threading
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from featherflux.cli import main
+from featherflux.images import read_png_parameters
+from featherflux.pipeline import load_pipeline
+from featherflux.serve.api import create_app
+from tests.serve.fakes import LiveServer
+from tests.tiny import tiny_pipeline_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_pipeline_dir("klein", tmp_path_factory.mktemp("tiny"))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def alone(pipe, prompt: str, seed: int, steps: int) -> np.ndarray:
+    image = pipe(prompt=prompt, height=64, width=64, num_inference_steps=steps, show_progress=False,
+                 generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_openai_client_over_the_tiny_pipeline_sixteen_clients_batched(tiny_dir, tmp_path):
+    pipe = load_pipeline(tiny_dir)
+    results, errors = {}, []
+    with LiveServer(create_app(pipe, output_dir=tmp_path, max_batch=4)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        edit = client.images.edit(image=("ref.png", _png((64, 64)), "image/png"), prompt="a dog is dancing",
+                                  response_format="url", extra_body={"seed": 5, "steps": 2})
+        with Image.open(io.BytesIO(httpx.get(edit.data[0].url).content)) as image:
+            assert image.size == (64, 64)
+
+        def one(i):
+            try:
+                r = client.images.generate(prompt=f"a cat holding a sign {i}", size="64x64",
+                                           extra_body={"seed": 100 + i, "steps": 2})
+                results[i] = pixels(base64.b64decode(r.data[0].b64_json))
+            except Exception as e:  # reported below; a thread cannot fail the test by itself
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == [] and sorted(results) == list(range(16))
+        stored = sorted(tmp_path.glob("*.png"))
+        assert len(stored) == 17
+        assert read_png_parameters(stored[0])["num_inference_steps"] == 2
+    for i in range(16):  # every client got the picture its own prompt and seed make alone (batching changes no pixel
+        expected = alone(pipe, f"a cat holding a sign {i}", 100 + i, 2)  # beyond float rounding)
+        assert np.abs(results[i] - expected).max() <= 2, i
+    assert np.abs(results[0] - results[1]).max() > 2  # and the pictures do differ from client to client
+
+
+def _png(size) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_featherflux_serve_command_serves_the_model(tiny_dir, tmp_path, monkeypatch):
+    served = {}
+    monkeypatch.setattr("featherflux.serve.api.run_server", lambda app, **where: served.update(app=app, **where))
+    assert main(["serve", "--model", str(tiny_dir), "--output-dir", str(tmp_path), "--port", "8899",
+                 "--max-batch", "1", "--max-queue", "3"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8899)
+    with LiveServer(served["app"]) as live:
+        health = httpx.get(live.url + "/health").json()
+        assert health["defaults"] == {"size": "1024x1024", "steps": 4, "guidance": 1.0, "max_n": 4, "max_steps": 100}
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        result = client.images.generate(prompt="a dog", size="64x64", extra_body={"seed": 1, "steps": 1})
+        assert pixels(base64.b64decode(result.data[0].b64_json)).shape == (64, 64, 3)
+    assert served["app"].state.queue.max_queue == 3 and served["app"].state.queue.max_batch == 1
