@@ -34,8 +34,16 @@ from featherflux.memory.planner import GiB, plans
 from featherflux.model.config import FAMILIES, DiTConfig
 from featherflux.model.dit import Flux2
 
-SMALL = DiTConfig(in_channels=128, context_in_dim=7680, hidden_size=128, num_heads=1, depth=2, depth_single_blocks=6,
-                  axes_dim=(32, 32, 32, 32), guidance_embed=False)
+SMALL = DiTConfig(
+    in_channels=128,
+    context_in_dim=7680,
+    hidden_size=128,
+    num_heads=1,
+    depth=2,
+    depth_single_blocks=6,
+    axes_dim=(32, 32, 32, 32),
+    guidance_embed=False,
+)
 
 
 def fill_random(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
@@ -112,7 +120,7 @@ def run_case(label, fn, rows, baseline=None):
     except torch.OutOfMemoryError:
         rows.append((label, "OOM", "-", "-"))
         print(f"  {label:58s} OOM", flush=True)
-    except Exception as e:  # a comparison that cannot run here (no CUDA, missing package) is reported, not fatal
+    except Exception as e:  # noqa: BLE001 -- a comparison that cannot run here (no CUDA, missing package) is reported, not fatal
         rows.append((label, f"skipped: {type(e).__name__}: {str(e)[:60]}", "-", "-"))
         print(f"  {label:58s} skipped ({type(e).__name__}: {str(e)[:80]})", flush=True)
     return None
@@ -127,11 +135,13 @@ def forced(family, side):
     """--small: the model fits anywhere, so force each placement (half the blocks resident when streaming)."""
     base = plans(family, 1000, 128, height=side, width=side, offload=None, quantize=None)[0]
     n = base.dit_blocks
-    return [(1000, base),
-            (1000, replace(base, offload="blocks", dit="stream", dit_resident_blocks=tuple(range(0, n, 2)))),
-            (1000, replace(base, offload="blocks", dit="stream", dit_resident_blocks=())),
-            (1000, replace(base, offload="sequential", dit="sequential")),
-            (1000, replace(base, quantize="int8"))]
+    return [
+        (1000, base),
+        (1000, replace(base, offload="blocks", dit="stream", dit_resident_blocks=tuple(range(0, n, 2)))),
+        (1000, replace(base, offload="blocks", dit="stream", dit_resident_blocks=())),
+        (1000, replace(base, offload="sequential", dit="sequential")),
+        (1000, replace(base, quantize="int8")),
+    ]
 
 
 def featherflux_cases(name, config, candidates, side, device, steps, rows):
@@ -147,11 +157,13 @@ def featherflux_cases(name, config, candidates, side, device, steps, rows):
         cap(device, vram * GiB if device.type == "cuda" else None)
         try:
             placement = apply_placement(pipe, replace(p, text_encoder="offload", autoencoder="offload"), device)
-            label = (f"featherflux {name} {vram} GiB: offload={p.offload} q={p.quantize or 'bf16'} "
-                     f"k={len(p.dit_resident_blocks)}/{p.dit_blocks}")
+            label = (
+                f"featherflux {name} {vram} GiB: offload={p.offload} q={p.quantize or 'bf16'} "
+                f"k={len(p.dit_resident_blocks)}/{p.dit_blocks}"
+            )
             with placement.phase("dit"):
-                sec = run_case(label, lambda: time_steps(lambda: model(*args), device, steps, placement.ledger), rows,
-                               resident)
+                case = lambda m=model, ledger=placement.ledger: time_steps(lambda: m(*args), device, steps, ledger)
+                sec = run_case(label, case, rows, resident)
             if resident is None and p.offload is None and p.quantize is None:
                 resident = sec
             print(f"    planner expected {p.seconds_per_step:.2f} s/step, peak {p.peak_vram_gib:.1f} GiB", flush=True)
@@ -167,18 +179,30 @@ def featherflux_cases(name, config, candidates, side, device, steps, rows):
 def diffusers_cases(name, config, side, device, steps, rows, resident):
     from diffusers import Flux2Transformer2DModel
 
-    kwargs = dict(in_channels=config.in_channels, num_layers=config.depth, num_single_layers=config.depth_single_blocks,
-                  attention_head_dim=config.head_dim, num_attention_heads=config.num_heads,
-                  joint_attention_dim=config.context_in_dim, axes_dims_rope=config.axes_dim,
-                  guidance_embeds=config.guidance_embed)
     with torch.device("meta"):
-        model = Flux2Transformer2DModel(**kwargs)
+        model = Flux2Transformer2DModel(
+            in_channels=config.in_channels,
+            num_layers=config.depth,
+            num_single_layers=config.depth_single_blocks,
+            attention_head_dim=config.head_dim,
+            num_attention_heads=config.num_heads,
+            joint_attention_dim=config.context_in_dim,
+            axes_dims_rope=config.axes_dim,
+            guidance_embeds=config.guidance_embed,
+        )
     model = fill_random(model)
     x, x_ids, t, ctx, ctx_ids, guidance = inputs(config, side, device)
 
     def step(m):
-        return lambda: m(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_ids=x_ids[0], txt_ids=ctx_ids[0],
-                         guidance=guidance, return_dict=False)
+        return lambda: m(
+            hidden_states=x,
+            encoder_hidden_states=ctx,
+            timestep=t,
+            img_ids=x_ids[0],
+            txt_ids=ctx_ids[0],
+            guidance=guidance,
+            return_dict=False,
+        )
 
     def resident_case():
         model.to(device)
@@ -197,8 +221,9 @@ def diffusers_cases(name, config, side, device, steps, rows, resident):
         if device.type != "cuda":
             raise RuntimeError("group offload with streams needs CUDA")
         m = copy.deepcopy(model)
-        m.enable_group_offload(onload_device=device, offload_type="block_level", num_blocks_per_group=1,
-                               use_stream=True)
+        m.enable_group_offload(
+            onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=True
+        )
         return time_steps(step(m), device, steps)
 
     run_case(f"diffusers {name}: enable_group_offload(block, use_stream)", group_offload, rows, resident)
@@ -213,16 +238,19 @@ def diffusers_cases(name, config, side, device, steps, rows, resident):
         for parent in [m for block in blocks for m in block.modules()]:
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4")
+                    q = bnb.nn.Linear4bit(
+                        child.in_features,
+                        child.out_features,
+                        bias=child.bias is not None,
+                        compute_dtype=torch.bfloat16,
+                        quant_type="nf4",
+                    )
                     q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
                     setattr(parent, child_name, q)
         model.to(device)
         return time_steps(step(model), device, steps)
 
     run_case(f"diffusers {name}: bitsandbytes nf4 resident", bnb_nf4, rows, resident)
-    del model
-    free(device)
 
 
 def main():

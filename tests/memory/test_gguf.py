@@ -12,26 +12,43 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 # FLUX-shaped but tiny; widths are multiples of 32 for the legacy block formats.
-GGUF_DIT = DiTConfig(in_channels=128, context_in_dim=96, hidden_size=128, num_heads=2, depth=1, depth_single_blocks=2,
-                     axes_dim=(16, 16, 16, 16), guidance_embed=False)
+GGUF_DIT = DiTConfig(
+    in_channels=128,
+    context_in_dim=96,
+    hidden_size=128,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=2,
+    axes_dim=(16, 16, 16, 16),
+    guidance_embed=False,
+)
 
 
 def _random_blocks(kind, n_blocks, rng):
     """Valid raw blocks of `kind`: random bytes with finite fp16 scales."""
     size, nbytes = gguf.GGML_QUANT_SIZES[kind]
     raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
-    scale_offsets = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q5_0: (0,),
-                     Q.Q4_1: (0, 2), Q.Q5_1: (0, 2)}[kind]
+    scale_offsets = {
+        Q.Q4_K: (0, 2),
+        Q.Q5_K: (0, 2),
+        Q.Q6_K: (208,),
+        Q.Q8_0: (0,),
+        Q.Q4_0: (0,),
+        Q.Q5_0: (0,),
+        Q.Q4_1: (0, 2),
+        Q.Q5_1: (0, 2),
+    }[kind]
     for off in scale_offsets:
-        raw[:, off:off + 2] = np.frombuffer(rng.uniform(0.001, 0.1, n_blocks).astype(np.float16).tobytes(),
-                                            dtype=np.uint8).reshape(n_blocks, 2)
+        raw[:, off : off + 2] = np.frombuffer(
+            rng.uniform(0.001, 0.1, n_blocks).astype(np.float16).tobytes(), dtype=np.uint8
+        ).reshape(n_blocks, 2)
     return raw, size
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_torch_dequantisers_match_the_gguf_package(kind):
     kind = Q[kind]
-    raw, size = _random_blocks(kind, 8, np.random.default_rng(0))
+    raw, _ = _random_blocks(kind, 8, np.random.default_rng(0))
     expected = gguf.quants.dequantize(raw.reshape(2, -1), kind)  # 2 rows
     ours = dequantize(torch.from_numpy(raw.reshape(2, -1)), int(kind), expected.shape, torch.float32)
     np.testing.assert_array_equal(ours.numpy(), expected)
@@ -54,14 +71,27 @@ def _write_gguf(path, model, qtype, prefix="model.diffusion_model."):
 @pytest.mark.parametrize("kind", ["Q8_0", "Q5_1", "Q4_0"])
 @torch.no_grad()
 def test_gguf_round_trip_matches_the_dequantised_reference(tmp_path, monkeypatch, kind):
-    import featherflux.memory.planner as planner
+    from featherflux.memory import planner
 
-    family = FAMILIES["klein-4b"].__class__(name="gguf-tiny", dit=GGUF_DIT, autoencoder=FAMILIES["klein-4b"].autoencoder,
-                                            text_encoder=FAMILIES["demo"].text_encoder.__class__(
-                                                arch="qwen3", hidden_size=32, num_layers=3, intermediate_size=64,
-                                                num_heads=2, num_kv_heads=1, head_dim=16, vocab_size=64,
-                                                out_layers=(1, 2, 3)),
-                                            default_steps=4, default_guidance=1.0, guidance_distilled=True)
+    family = FAMILIES["klein-4b"].__class__(
+        name="gguf-tiny",
+        dit=GGUF_DIT,
+        autoencoder=FAMILIES["klein-4b"].autoencoder,
+        text_encoder=FAMILIES["demo"].text_encoder.__class__(
+            arch="qwen3",
+            hidden_size=32,
+            num_layers=3,
+            intermediate_size=64,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
+            vocab_size=64,
+            out_layers=(1, 2, 3),
+        ),
+        default_steps=4,
+        default_guidance=1.0,
+        guidance_distilled=True,
+    )
     monkeypatch.setitem(planner.FAMILIES, "gguf-tiny", family)
     torch.manual_seed(0)
     original = Flux2(GGUF_DIT).to(torch.bfloat16).eval()

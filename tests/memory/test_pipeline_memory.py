@@ -7,8 +7,15 @@ from featherflux.pipeline import load_pipeline
 from tests.memory.test_placement import small_plan
 from tests.tiny import tiny_pipeline_dir
 
-CALL = dict(prompt="a dog is dancing", height=64, width=64, num_inference_steps=2, seed=0, output_type="pt",
-            show_progress=False)
+CALL = {
+    "prompt": "a dog is dancing",
+    "height": 64,
+    "width": 64,
+    "num_inference_steps": 2,
+    "seed": 0,
+    "output_type": "pt",
+    "show_progress": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +37,15 @@ def test_load_pipeline_placements_give_the_resident_image(klein_dir, reference, 
 
 def test_streamed_text_encoder_and_dit_inside_the_pipeline(klein_dir, reference):
     pipe = load_pipeline(klein_dir)
-    pipe.placement = apply_placement(pipe, small_plan(text_encoder="stream", dit="stream", dit_resident_blocks=(0,)),
-                                     "cpu")
+    pipe.placement = apply_placement(
+        pipe, small_plan(text_encoder="stream", dit="stream", dit_resident_blocks=(0,)), "cpu"
+    )
     pipe.prompt_encoder = PlacedPromptEncoder(pipe.prompt_encoder, pipe)
     assert all(isinstance(layer, StreamedModule) for layer in pipe.prompt_encoder.model.layers)
     assert torch.equal(pipe(**CALL).images, reference)
-    assert pipe.placement.ledger.peak < sum(p.numel() * p.element_size() for p in pipe.transformer.parameters()) + \
-        sum(p.numel() * p.element_size() for p in pipe.prompt_encoder.model.parameters())
+    assert pipe.placement.ledger.peak < sum(p.numel() * p.element_size() for p in pipe.transformer.parameters()) + sum(
+        p.numel() * p.element_size() for p in pipe.prompt_encoder.model.parameters()
+    )
 
 
 def test_embedding_cache_never_wakes_the_encoder_twice(klein_dir, reference, tmp_path):

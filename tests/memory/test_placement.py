@@ -6,28 +6,53 @@ import torch
 from torch import nn
 
 from featherflux.memory.offload import apply_placement, fallback, mmap_safetensors
-from featherflux.memory.planner import GiB, Hardware, Plan, pick_resident_blocks, plan, plans
-from featherflux.memory.streaming import DeviceLedger, StreamedModule, block_entries, leaf_entries, module_bytes, stream_modules
+from featherflux.memory.planner import GiB, Hardware, Plan, pick_resident_blocks, plan
+from featherflux.memory.streaming import (
+    DeviceLedger,
+    StreamedModule,
+    block_entries,
+    module_bytes,
+    stream_modules,
+)
 from featherflux.model.config import FAMILIES
 from featherflux.model.dit import Flux2
 from tests.memory.conftest import SMALL_DIT, dit_inputs
 
 
 def small_plan(**kw) -> Plan:
-    base = dict(family="small", offload="blocks", quantize=None, text_encoder="offload", dit="stream",
-                autoencoder="offload", dit_resident_blocks=(), dit_blocks=5, mmap=False, vram_budget_bytes=0,
-                peak_vram_bytes=0, host_bytes=0, seconds_per_step=0.0, copy_seconds_per_step=0.0,
-                seconds_per_image=0.0, fits=True)
+    base = {
+        "family": "small",
+        "offload": "blocks",
+        "quantize": None,
+        "text_encoder": "offload",
+        "dit": "stream",
+        "autoencoder": "offload",
+        "dit_resident_blocks": (),
+        "dit_blocks": 5,
+        "mmap": False,
+        "vram_budget_bytes": 0,
+        "peak_vram_bytes": 0,
+        "host_bytes": 0,
+        "seconds_per_step": 0.0,
+        "copy_seconds_per_step": 0.0,
+        "seconds_per_image": 0.0,
+        "fits": True,
+    }
     return Plan(**(base | kw))
 
 
 def fake_pipe(dit, encoder_model=None, autoencoder=None):
-    return SimpleNamespace(transformer=dit, autoencoder=autoencoder or nn.Conv2d(4, 4, 1),
-                           prompt_encoder=SimpleNamespace(model=encoder_model) if encoder_model else object())
+    return SimpleNamespace(
+        transformer=dit,
+        autoencoder=autoencoder or nn.Conv2d(4, 4, 1),
+        prompt_encoder=SimpleNamespace(model=encoder_model) if encoder_model else object(),
+    )
 
 
-@pytest.mark.parametrize(("dit_mode", "resident"), [("resident", ()), ("offload", ()), ("stream", ()),
-                                                    ("stream", (0, 3)), ("stream", (1, 2, 4)), ("sequential", ())])
+@pytest.mark.parametrize(
+    ("dit_mode", "resident"),
+    [("resident", ()), ("offload", ()), ("stream", ()), ("stream", (0, 3)), ("stream", (1, 2, 4)), ("sequential", ())],
+)
 @torch.no_grad()
 def test_every_placement_gives_exactly_the_resident_output(small_dit, dit_mode, resident):
     inputs = dit_inputs(SMALL_DIT)
@@ -84,12 +109,20 @@ def _meta_pipe(family):
 
     f = FAMILIES[family]
     c = f.text_encoder
-    kw = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.layers_needed,
-              num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-              vocab_size=c.vocab_size)
+    kw = {
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.layers_needed,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+    }
     with torch.device("meta"):
         dit = Flux2(f.dit).to(torch.bfloat16)
-        te = (MistralModel(MistralConfig(**kw)) if c.arch == "mistral3" else Qwen3Model(Qwen3Config(**kw))).to(torch.bfloat16)
+        te = (MistralModel(MistralConfig(**kw)) if c.arch == "mistral3" else Qwen3Model(Qwen3Config(**kw))).to(
+            torch.bfloat16
+        )
         ae = AutoEncoder(f.autoencoder).to(torch.bfloat16)
     return fake_pipe(dit, te, ae)
 
@@ -107,8 +140,11 @@ def test_real_size_byte_accounting_on_meta(family, vram, ram):
     ctx = torch.empty(1, 512, FAMILIES[family].dit.context_in_dim, device="meta", dtype=torch.bfloat16)
     ids = torch.empty(1, img, 4, device="meta"), torch.empty(1, 512, 4, device="meta")
     with placement.phase("text_encoder"):
-        pipe.prompt_encoder.model(inputs_embeds=torch.empty(1, 512, FAMILIES[family].text_encoder.hidden_size,
-                                                            device="meta", dtype=torch.bfloat16))
+        pipe.prompt_encoder.model(
+            inputs_embeds=torch.empty(
+                1, 512, FAMILIES[family].text_encoder.hidden_size, device="meta", dtype=torch.bfloat16
+            )
+        )
     with placement.phase("dit"):
         pipe.transformer(x, ids[0], torch.empty(1, device="meta"), ctx, ids[1])
     with placement.phase("autoencoder"):
@@ -120,8 +156,11 @@ def test_real_size_byte_accounting_on_meta(family, vram, ram):
 
 
 def test_fallback_applies_a_smaller_plan(small_dit):
-    candidates = [small_plan(dit="resident", peak_vram_bytes=3), small_plan(dit="stream", peak_vram_bytes=2),
-                  small_plan(dit="sequential", peak_vram_bytes=1)]
+    candidates = [
+        small_plan(dit="resident", peak_vram_bytes=3),
+        small_plan(dit="stream", peak_vram_bytes=2),
+        small_plan(dit="sequential", peak_vram_bytes=1),
+    ]
     pipe = fake_pipe(small_dit)
     placement = apply_placement(pipe, candidates[0], "cpu", fallbacks=candidates[1:])
     with pytest.warns(UserWarning, match="falling back to"):

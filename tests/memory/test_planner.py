@@ -13,8 +13,9 @@ from featherflux.model.config import FAMILIES
 BUDGETS = (8, 12, 16, 24, 48, 80)
 
 
-@pytest.mark.parametrize(("family", "params"), [("flux.2-dev", 32_223_281_152), ("klein-4b", 3_875_544_576),
-                                                ("klein-9b", 9_078_581_248)])
+@pytest.mark.parametrize(
+    ("family", "params"), [("flux.2-dev", 32_223_281_152), ("klein-4b", 3_875_544_576), ("klein-9b", 9_078_581_248)]
+)
 def test_dit_parameter_count_matches_the_reference(family, params):
     assert sizes.dit_weights(FAMILIES[family].dit).total.params == params
 
@@ -35,9 +36,15 @@ def test_text_encoder_accounting_matches_transformers_on_meta(family):
     from transformers import MistralConfig, MistralModel, Qwen3Config, Qwen3Model
 
     c = FAMILIES[family].text_encoder
-    kwargs = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.layers_needed,
-                  num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-                  vocab_size=c.vocab_size)
+    kwargs = {
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.layers_needed,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+    }
     config = MistralConfig(**kwargs) if c.arch == "mistral3" else Qwen3Config(**kwargs)
     with torch.device("meta"):
         model = (MistralModel if c.arch == "mistral3" else Qwen3Model)(config)
@@ -127,8 +134,9 @@ def test_family_from_names_files_and_folders(tmp_path):
     _write_header_only_safetensors(tmp_path / "flux-2-klein-9b.safetensors", shapes)
     assert resolve_family(tmp_path / "flux-2-klein-9b.safetensors")[0].name == "klein-9b"
     (tmp_path / "pipe" / "transformer").mkdir(parents=True)
-    (tmp_path / "pipe" / "transformer" / "config.json").write_text(json.dumps(
-        {"num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 5, "num_single_layers": 20}))
+    (tmp_path / "pipe" / "transformer" / "config.json").write_text(
+        json.dumps({"num_attention_heads": 24, "attention_head_dim": 128, "num_layers": 5, "num_single_layers": 20})
+    )
     assert resolve_family(tmp_path / "pipe")[0].name == "klein-4b"
 
 

@@ -29,7 +29,9 @@ def test_quantized_dit_stays_within_tolerance_of_bf16(small_dit, mode):
     assert rel_err(q(*inputs), reference) < TOLERANCE[mode]
     # quantized weights are smaller, and the state dict keeps the Linear names
     assert "double_blocks.0.img_attn.qkv.weight" in q.state_dict()
-    size = sum(b.numel() * b.element_size() for b in q.buffers()) + sum(p.numel() * p.element_size() for p in q.parameters())
+    size = sum(b.numel() * b.element_size() for b in q.buffers()) + sum(
+        p.numel() * p.element_size() for p in q.parameters()
+    )
     assert size < 0.7 * sum(p.numel() * p.element_size() for p in small_dit.parameters())
 
 

@@ -22,8 +22,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    candidates = plans(args.model, args.vram, args.ram, height=args.height, width=args.width,
-                       offload=args.offload, quantize=args.quantize)
+    candidates = plans(
+        args.model,
+        args.vram,
+        args.ram,
+        height=args.height,
+        width=args.width,
+        offload=args.offload,
+        quantize=args.quantize,
+    )
     best = candidates[0]
     if args.json:
         print(best.to_json())
@@ -32,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.all:
         print("\ncandidates (best first):")
         for p in candidates:
-            print(f"  offload={p.offload or 'none':10} quantize={p.quantize or 'bf16':5} fits={p.fits!s:5} "
-                  f"peak={p.peak_vram_gib:5.1f} GiB  {p.seconds_per_step:6.2f} s/step  {p.seconds_per_image:7.1f} s/image")
+            print(
+                f"  offload={p.offload or 'none':10} quantize={p.quantize or 'bf16':5} fits={p.fits!s:5} "
+                f"peak={p.peak_vram_gib:5.1f} GiB  {p.seconds_per_step:6.2f} s/step  {p.seconds_per_image:7.1f} s/image"
+            )
     return 0 if best.fits else 1

@@ -20,8 +20,19 @@ from featherflux.memory.offload import Placement, apply_placement, fallback
 from featherflux.memory.planner import Plan, parse_bytes, plan, plans
 from featherflux.memory.quant import quantize
 
-__all__ = ["CachedPromptEncoder", "Placement", "Plan", "apply_placement", "parse_bytes", "phase", "place_pipeline",
-           "plan", "plans", "quantize", "retry_on_oom"]
+__all__ = [
+    "CachedPromptEncoder",
+    "Placement",
+    "Plan",
+    "apply_placement",
+    "parse_bytes",
+    "phase",
+    "place_pipeline",
+    "plan",
+    "plans",
+    "quantize",
+    "retry_on_oom",
+]
 
 log = logging.getLogger("featherflux.memory")
 
@@ -46,8 +57,18 @@ def phase(pipe, name: str):
     return placement.phase(name) if placement is not None else contextlib.nullcontext()
 
 
-def place_pipeline(pipe, device, *, vram=None, ram=None, offload=None, quantize=None, embed_cache=None,
-                   height: int = 1024, width: int = 1024):
+def place_pipeline(
+    pipe,
+    device,
+    *,
+    vram=None,
+    ram=None,
+    offload=None,
+    quantize=None,
+    embed_cache=None,
+    height: int = 1024,
+    width: int = 1024,
+):
     """Plan for `device` (VRAM detected on CUDA unless `vram` is given) and place the pipeline's components.
 
     `offload` / `quantize` = None let the planner choose; a value fixes that part of the plan. `embed_cache` is a
@@ -57,8 +78,9 @@ def place_pipeline(pipe, device, *, vram=None, ram=None, offload=None, quantize=
     if device.type == "cuda" or vram is not None or offload or quantize:
         if device.type != "cuda" and vram is None:
             vram = 1 << 60  # no device budget (the "device" is the host): honour the requested mode only
-        candidates = plans(pipe.family, vram, ram, height=height, width=width, offload=offload or "auto",
-                           quantize=quantize or "auto")
+        candidates = plans(
+            pipe.family, vram, ram, height=height, width=width, offload=offload or "auto", quantize=quantize or "auto"
+        )
         chosen = candidates[0]
         if not chosen.fits:
             raise UserError(f"{pipe.family.name} does not fit: {chosen.explanation} Try quantize='nf4' or more memory.")
@@ -80,6 +102,8 @@ def retry_on_oom(pipe, fn, *args):
             placement = getattr(pipe, "placement", None)
             nxt = fallback(pipe, placement) if placement is not None else None
             if nxt is None:
-                raise UserError("out of device memory, and no smaller plan is left; try quantize='nf4', a smaller "
-                                "image, or offload='sequential'") from None
+                raise UserError(
+                    "out of device memory, and no smaller plan is left; try quantize='nf4', a smaller "
+                    "image, or offload='sequential'"
+                ) from None
             pipe.placement = nxt

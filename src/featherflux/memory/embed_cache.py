@@ -43,8 +43,14 @@ class CachedPromptEncoder:
         return getattr(self.__dict__["encoder"], name)
 
     def path(self, prompt: str, max_sequence_length: int, out_layers: tuple[int, ...] | None) -> Path:
-        key = {"v": FORMAT_VERSION, "model_id": self.model_id, "family": self.family, "prompt": prompt,
-               "max_sequence_length": max_sequence_length, "out_layers": list(out_layers) if out_layers else None}
+        key = {
+            "v": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "family": self.family,
+            "prompt": prompt,
+            "max_sequence_length": max_sequence_length,
+            "out_layers": list(out_layers) if out_layers else None,
+        }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return self.directory / f"{digest}.safetensors"
 

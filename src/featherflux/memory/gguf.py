@@ -108,25 +108,39 @@ def _q6_k(b: Tensor) -> Tensor:
     qh = b[:, 128:192].reshape(-1, 2, 32)
     sc = b[:, 192:208].contiguous().view(torch.int8).float().reshape(-1, 2, 8)
     d = _f16(b[:, 208:210])
-    q = torch.stack([
-        (ql[:, :, :32] & 0x0F) | ((qh & 3) << 4),
-        (ql[:, :, 32:] & 0x0F) | (((qh >> 2) & 3) << 4),
-        (ql[:, :, :32] >> 4) | (((qh >> 4) & 3) << 4),
-        (ql[:, :, 32:] >> 4) | (((qh >> 6) & 3) << 4),
-    ], dim=2).float() - 32  # (n, 2 halves, 4 quarters, 32)
+    q = (
+        torch.stack(
+            [
+                (ql[:, :, :32] & 0x0F) | ((qh & 3) << 4),
+                (ql[:, :, 32:] & 0x0F) | (((qh >> 2) & 3) << 4),
+                (ql[:, :, :32] >> 4) | (((qh >> 4) & 3) << 4),
+                (ql[:, :, 32:] >> 4) | (((qh >> 6) & 3) << 4),
+            ],
+            dim=2,
+        ).float()
+        - 32
+    )  # (n, 2 halves, 4 quarters, 32)
     scale = sc.reshape(-1, 2, 4, 2)[..., None].expand(-1, -1, -1, -1, 16).reshape(-1, 2, 4, 32)  # 16 values per scale
     return (d[:, :, None, None] * scale * q).reshape(-1, 256)
 
 
-_TORCH_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
-                  "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+_TORCH_DEQUANT = {
+    "Q8_0": _q8_0,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
 
 
 def dequantize(raw: Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """Raw GGUF bytes (rows of uint8 blocks) of format `qtype` -> a tensor of `shape` in `dtype`."""
     gguf = _gguf()
     kind = gguf.GGMLQuantizationType(qtype)
-    block_size, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+    block_bytes = gguf.GGML_QUANT_SIZES[kind][1]
     fn = _TORCH_DEQUANT.get(kind.name)
     if fn is None:
         values = gguf.quants.dequantize(raw.cpu().numpy(), kind)
@@ -168,7 +182,7 @@ def _read(path: Path):
     gguf = _gguf()
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError / struct errors on damaged files
+    except Exception as e:  # noqa: BLE001 -- the reader raises ValueError, struct.error, IndexError... on damaged files
         raise WeightsError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     orig = _orig_shapes(reader)
     return gguf, reader, orig
@@ -192,7 +206,7 @@ def load_gguf_transformer(path: str | Path, *, device: str | torch.device = "cpu
     from featherflux.model.dit import Flux2
 
     path = Path(path)
-    gguf, reader, orig = _read(path)
+    gguf, reader, _ = _read(path)
     shapes, _ = gguf_summary(path)
     config = family_for_dit_shape(dit_shape_from_keys(shapes)).dit
     with torch.device("meta"):
@@ -202,8 +216,10 @@ def load_gguf_transformer(path: str | Path, *, device: str | torch.device = "cpu
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise WeightsError(f"{path} does not match the {config.hidden_size}-wide FLUX.2 DiT: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise WeightsError(
+            f"{path} does not match the {config.hidden_size}-wide FLUX.2 DiT: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     for name, t in found.items():
         kind = gguf.GGMLQuantizationType(t.tensor_type)
         raw = torch.from_numpy(np.array(t.data))  # a copy out of the reader's memory map
@@ -217,8 +233,13 @@ def load_gguf_transformer(path: str | Path, *, device: str | torch.device = "cpu
         if not isinstance(linear, nn.Linear) or not name.endswith(".weight"):
             _assign(model, name, dequantize(raw, t.tensor_type, shape, dtype).to(device))
             continue
-        q = GGUFLinear(linear.in_features, linear.out_features, int(t.tensor_type), raw.shape[-1] if raw.ndim == 2
-                       else raw.numel() // linear.out_features, device="meta")
+        q = GGUFLinear(
+            linear.in_features,
+            linear.out_features,
+            int(t.tensor_type),
+            raw.shape[-1] if raw.ndim == 2 else raw.numel() // linear.out_features,
+            device="meta",
+        )
         q.weight = raw.reshape(linear.out_features, -1).to(device)
         parent, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)

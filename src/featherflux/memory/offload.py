@@ -95,8 +95,14 @@ def _components(pipe) -> dict[str, nn.Module]:
     return out
 
 
-def apply_placement(pipe, plan: Plan, device: torch.device | str, ledger: DeviceLedger | None = None,
-                    fallbacks: list[Plan] = (), host: torch.device | str = "cpu") -> Placement:
+def apply_placement(
+    pipe,
+    plan: Plan,
+    device: torch.device | str,
+    ledger: DeviceLedger | None = None,
+    fallbacks: list[Plan] = (),
+    host: torch.device | str = "cpu",
+) -> Placement:
     """Place `pipe.transformer`, `pipe.autoencoder` and the prompt encoder's model as `plan` says.
 
     `host` is where offloaded weights wait: the CPU, or the meta device when only the bytes are being counted."""
@@ -112,7 +118,10 @@ def apply_placement(pipe, plan: Plan, device: torch.device | str, ledger: Device
         mode = modes[name]
         if mode in ("stream", "sequential"):
             if name == "dit" and mode == "stream":
-                entries, resident = block_entries([module.double_blocks, module.single_blocks]), plan.dit_resident_blocks
+                entries, resident = (
+                    block_entries([module.double_blocks, module.single_blocks]),
+                    plan.dit_resident_blocks,
+                )
             elif name == "dit":
                 entries, resident = leaf_entries(module, LINEAR_KINDS), ()
             else:
@@ -130,8 +139,11 @@ def apply_placement(pipe, plan: Plan, device: torch.device | str, ledger: Device
 
 def fallback(pipe, placement: Placement) -> Placement | None:
     """After a device out-of-memory error: the next plan with a smaller peak, applied, or None if there is none."""
-    smaller = [p for p in placement.fallbacks if p.peak_vram_bytes < placement.plan.peak_vram_bytes
-               and p.quantize == placement.plan.quantize]
+    smaller = [
+        p
+        for p in placement.fallbacks
+        if p.peak_vram_bytes < placement.plan.peak_vram_bytes and p.quantize == placement.plan.quantize
+    ]
     if not smaller:
         return None
     nxt, rest = smaller[0], smaller[1:]
@@ -146,8 +158,16 @@ def fallback(pipe, placement: Placement) -> Placement | None:
     return apply_placement(pipe, nxt, placement.device, placement.ledger, rest, placement.host)
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn,
-              "I8": torch.int8, "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64}
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
 
 
 def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -171,6 +191,10 @@ def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: tensor {key} has dtype {info['dtype']}, which featherflux cannot map")
         lo, hi = info["data_offsets"]
         count = (hi - lo) // torch.empty((), dtype=dtype).element_size()
-        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + lo) if count else torch.empty(0, dtype=dtype)
+        flat = (
+            torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + lo)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
         out[key] = flat.reshape(info["shape"])
     return out

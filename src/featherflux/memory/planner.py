@@ -100,7 +100,7 @@ class Plan:
         return json.dumps(d, indent=2)
 
 
-def parse_bytes(value: str | int | float | None, what: str = "memory") -> int | None:
+def parse_bytes(value: str | float | None, what: str = "memory") -> int | None:
     """`24`, `24GiB`, `24G`, `24GB` (10^9), `512MiB`, `24.5` -> bytes. A bare number means GiB."""
     if value is None or isinstance(value, int) and not isinstance(value, bool) and value > 1 << 20:
         return value
@@ -121,7 +121,9 @@ def detect_hardware() -> Hardware | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return Hardware(vram_bytes=props.total_memory, ram_bytes=host_ram_bytes(), fp8_matmul=(props.major, props.minor) >= (8, 9))
+    return Hardware(
+        vram_bytes=props.total_memory, ram_bytes=host_ram_bytes(), fp8_matmul=(props.major, props.minor) >= (8, 9)
+    )
 
 
 def host_ram_bytes() -> int:
@@ -174,7 +176,9 @@ def resolve_family(model: str | os.PathLike | FamilyConfig) -> tuple[FamilyConfi
         if path.is_dir():
             config = path / "transformer" / "config.json" if (path / "transformer").is_dir() else path / "config.json"
             if not config.is_file():
-                raise UserError(f"{path} has no transformer/config.json; give a diffusers folder, a file or a family name")
+                raise UserError(
+                    f"{path} has no transformer/config.json; give a diffusers folder, a file or a family name"
+                )
             c = json.loads(config.read_text())
             shape = (c["num_attention_heads"] * c["attention_head_dim"], c["num_layers"], c["num_single_layers"])
             return family_for_dit_shape(shape), None
@@ -264,17 +268,26 @@ def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, w
     )
 
 
-def _evaluate(family, s: _Sizes, hw: Hardware, offload, quant, te, dit, ae, resident: tuple[int, ...], steps: int) -> Plan:
+def _evaluate(
+    family, s: _Sizes, hw: Hardware, offload, quant, te, dit, ae, resident: tuple[int, ...], steps: int
+) -> Plan:
     resident_bytes = sum(s.dit_blocks[i] for i in resident)
     persistent = {"resident": s.te}.get(te, 0) + {"resident": s.ae}.get(ae, 0)
     persistent += {"resident": s.dit, "stream": s.dit_globals + resident_bytes}.get(dit, 0)
     te_phase = {"resident": 0, "offload": s.te, "stream": s.te_other + 2 * s.te_layer}[te] + s.act_te
-    dit_phase = {"resident": 0, "offload": s.dit, "stream": 2 * max(s.dit_blocks), "sequential": 2 * s.dit_largest_leaf}[dit]
+    dit_phase = {
+        "resident": 0,
+        "offload": s.dit,
+        "stream": 2 * max(s.dit_blocks),
+        "sequential": 2 * s.dit_largest_leaf,
+    }[dit]
     dit_phase += s.act_dit
     ae_phase = {"resident": 0, "offload": s.ae}[ae] + s.act_ae
     peak = persistent + max(te_phase, dit_phase, ae_phase) + hw.reserve_bytes
 
-    dit_host = {"resident": 0, "offload": s.dit, "stream": s.dit - s.dit_globals - resident_bytes, "sequential": s.dit}[dit]
+    dit_host = {"resident": 0, "offload": s.dit, "stream": s.dit - s.dit_globals - resident_bytes, "sequential": s.dit}[
+        dit
+    ]
     step_host = HOST_OVERHEAD + dit_host + (s.ae if ae != "resident" else 0)  # touched every step
     host = step_host + (s.te if te != "resident" else 0)  # the text encoder is touched once per prompt
     mmap = host > hw.ram_bytes
@@ -284,7 +297,12 @@ def _evaluate(family, s: _Sizes, hw: Hardware, offload, quant, te, dit, ae, resi
     if step_host > hw.ram_bytes:  # what does not fit in the page cache is read from disk again every step
         copy_s += min(step_host - hw.ram_bytes, streamed) / (hw.disk_gbps * 1e9)
     step = max(s.dit_compute_s, copy_s) * (1.02 if streamed else 1.0)
-    per_image = s.te_compute_s + s.ae_compute_s + (s.te / link if te != "resident" else 0) + (s.ae / link if ae != "resident" else 0)
+    per_image = (
+        s.te_compute_s
+        + s.ae_compute_s
+        + (s.te / link if te != "resident" else 0)
+        + (s.ae / link if ae != "resident" else 0)
+    )
     per_image += s.dit / link if dit == "offload" else 0.0
     if mmap:  # denoising evicted the text encoder's pages: a new prompt reads it from disk again
         per_image += (s.te if te != "resident" else 0) / (hw.disk_gbps * 1e9)
@@ -318,7 +336,9 @@ def _candidates(family, s: _Sizes, hw: Hardware, offload, quant, steps: int) -> 
 
     if offload is None:
         return ev("resident", "resident", "resident")
-    if offload == "model":  # everything offloaded, then keep what still fits resident, the DiT first (it runs every step)
+    if (
+        offload == "model"
+    ):  # everything offloaded, then keep what still fits resident, the DiT first (it runs every step)
         placement = {"dit": "offload", "ae": "offload", "te": "offload"}
         for part in ("dit", "ae", "te"):
             trial = placement | {part: "resident"}
@@ -336,17 +356,24 @@ def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int
     q = p.quantize or "bf16"
     lines = [
         f"{family.name} at {width}x{height} with {hw.vram_bytes / GiB:.0f} GiB VRAM and {hw.ram_bytes / GiB:.0f} GiB RAM:",
-        f"weights in {q}: DiT {s.dit / GiB:.1f} GiB, text encoder {s.te / GiB:.1f} GiB (trimmed to "
-        f"{family.text_encoder.layers_needed} of {family.text_encoder.num_layers} layers), autoencoder {s.ae / GiB:.2f} GiB.",
+        (
+            f"weights in {q}: DiT {s.dit / GiB:.1f} GiB, text encoder {s.te / GiB:.1f} GiB (trimmed to "
+            f"{family.text_encoder.layers_needed} of {family.text_encoder.num_layers} layers), "
+            f"autoencoder {s.ae / GiB:.2f} GiB."
+        ),
     ]
     if p.dit == "resident" and p.text_encoder == "resident":
         lines.append("Everything stays on the device: nothing moves between phases.")
     if p.dit == "resident" and p.text_encoder != "resident":
-        lines.append(f"DiT stays on the device; the text encoder is {'moved in' if p.text_encoder == 'offload' else 'streamed in layer by layer'} "
-                     "only to encode a prompt, then moved back to the host.")
+        lines.append(
+            f"DiT stays on the device; the text encoder is {'moved in' if p.text_encoder == 'offload' else 'streamed in layer by layer'} "
+            "only to encode a prompt, then moved back to the host."
+        )
     if p.dit == "offload":
-        lines.append(f"One component on the device at a time: the DiT ({s.dit / GiB:.1f} GiB) is moved in for denoising "
-                     f"and out again, {s.dit / (hw.h2d_gbps * 1e9):.1f} s of copying per image.")
+        lines.append(
+            f"One component on the device at a time: the DiT ({s.dit / GiB:.1f} GiB) is moved in for denoising "
+            f"and out again, {s.dit / (hw.h2d_gbps * 1e9):.1f} s of copying per image."
+        )
     if p.dit == "stream":
         k = len(p.dit_resident_blocks)
         lines.append(
@@ -355,19 +382,31 @@ def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int
             "is streamed layer by layer when a prompt is encoded."
         )
     if p.dit == "sequential":
-        lines.append("Only the largest single layers fit: every Linear is copied in right before use (sequential offload).")
+        lines.append(
+            "Only the largest single layers fit: every Linear is copied in right before use (sequential offload)."
+        )
     if p.dit in ("stream", "sequential"):
-        bound = "copy-bound" if p.copy_seconds_per_step > s.dit_compute_s else "compute-bound: the copies hide behind compute"
-        lines.append(f"Expected {p.seconds_per_step:.2f} s/step vs {s.dit_compute_s:.2f} s/step fully resident "
-                     f"({p.copy_seconds_per_step:.2f} s of copies per step, {bound}).")
+        bound = (
+            "copy-bound"
+            if p.copy_seconds_per_step > s.dit_compute_s
+            else "compute-bound: the copies hide behind compute"
+        )
+        lines.append(
+            f"Expected {p.seconds_per_step:.2f} s/step vs {s.dit_compute_s:.2f} s/step fully resident "
+            f"({p.copy_seconds_per_step:.2f} s of copies per step, {bound})."
+        )
     else:
         lines.append(f"Expected {p.seconds_per_step:.2f} s/step.")
     if p.mmap:
-        lines.append(f"The host needs {p.host_bytes / GiB:.0f} GiB for the weights off the device, more than its RAM, "
-                     "so weights are memory-mapped from disk and re-read as needed (slower).")
+        lines.append(
+            f"The host needs {p.host_bytes / GiB:.0f} GiB for the weights off the device, more than its RAM, "
+            "so weights are memory-mapped from disk and re-read as needed (slower)."
+        )
     verdict = "fits" if p.fits else "does NOT fit"
-    lines.append(f"Peak {p.peak_vram_gib:.1f} GiB of {hw.vram_bytes / GiB:.0f} GiB VRAM (incl. "
-                 f"{hw.reserve_bytes / GiB:.1f} GiB reserve): {verdict}.")
+    lines.append(
+        f"Peak {p.peak_vram_gib:.1f} GiB of {hw.vram_bytes / GiB:.0f} GiB VRAM (incl. "
+        f"{hw.reserve_bytes / GiB:.1f} GiB reserve): {verdict}."
+    )
     if p.quantize:
         lines.append(f"{q} weights dequantise to bf16 per layer; chosen because it is clearly faster or the only fit.")
     return " ".join(lines)
@@ -375,8 +414,8 @@ def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int
 
 def plans(
     model,
-    vram: str | int | float | None = None,
-    ram: str | int | float | None = None,
+    vram: str | float | None = None,
+    ram: str | float | None = None,
     *,
     height: int = 1024,
     width: int = 1024,
@@ -393,7 +432,11 @@ def plans(
         if vram is None:
             raise UserError("no CUDA device found: give the VRAM budget, e.g. --vram 24 (GiB)")
         ram_b = parse_bytes(ram, "RAM") if ram is not None else (hw.ram_bytes if hw else host_ram_bytes())
-        hw = replace(hw, vram_bytes=parse_bytes(vram, "VRAM"), ram_bytes=ram_b) if hw else Hardware(parse_bytes(vram, "VRAM"), ram_b)
+        hw = (
+            replace(hw, vram_bytes=parse_bytes(vram, "VRAM"), ram_bytes=ram_b)
+            if hw
+            else Hardware(parse_bytes(vram, "VRAM"), ram_b)
+        )
     elif ram is not None:
         hw = replace(hw, ram_bytes=parse_bytes(ram, "RAM"))
     if offload != "auto" and offload not in OFFLOAD_MODES:
@@ -413,7 +456,9 @@ def plans(
         for mode in offloads:
             p = _candidates(family, s, hw, mode, quant, family.default_steps)
             out.append(replace(p, explanation=_explain(p, family, s, hw, height, width)))
-    fitting = sorted((p for p in out if p.fits), key=lambda p: p.seconds_per_image * QUALITY_FACTOR.get(p.quantize, 1.6))
+    fitting = sorted(
+        (p for p in out if p.fits), key=lambda p: p.seconds_per_image * QUALITY_FACTOR.get(p.quantize, 1.6)
+    )
     return fitting + sorted((p for p in out if not p.fits), key=lambda p: p.peak_vram_bytes)
 
 

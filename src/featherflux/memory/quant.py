@@ -53,8 +53,15 @@ class Int8Linear(nn.Module):
 
 
 class Float8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None,
-                 scaled_mm: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        dtype=torch.bfloat16,
+        device=None,
+        scaled_mm: bool = False,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.scaled_mm = in_features, out_features, scaled_mm
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
@@ -65,7 +72,9 @@ class Float8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, scaled_mm: bool = False) -> Float8Linear:
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, w.device, scaled_mm)
+        q = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, linear.weight.dtype, w.device, scaled_mm
+        )
         q.weight.copy_((w / scale[:, None]).to(torch.float8_e4m3fn))
         q.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -83,8 +92,14 @@ class Float8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         x_scale = (rows.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
         x_fp8 = (rows / x_scale).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
-                             bias=self.bias, out_dtype=x.dtype)
+        y = torch._scaled_mm(
+            x_fp8,
+            self.weight.t(),
+            scale_a=x_scale,
+            scale_b=self.weight_scale[None, :],
+            bias=self.bias,
+            out_dtype=x.dtype,
+        )
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -115,8 +130,14 @@ class NF4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
         bnb = _bitsandbytes()
-        state = bnb.functional.QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                                          code=self.code, blocksize=NF4_BLOCK, quant_type="nf4", dtype=dtype)
+        state = bnb.functional.QuantState(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=self.code,
+            blocksize=NF4_BLOCK,
+            quant_type="nf4",
+            dtype=dtype,
+        )
         return bnb.functional.dequantize_4bit(self.weight, state)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,7 +155,7 @@ def _bitsandbytes():
 def nf4_available() -> bool:
     try:
         import bitsandbytes.functional  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 -- a broken CUDA setup raises RuntimeError/OSError from inside bitsandbytes
         return False
     return True
 
@@ -189,10 +210,12 @@ def load_bfl_fp8_transformer(path, *, device: str | torch.device = "cpu", dtype:
 
     try:
         handle = safe_open(str(path), framework="pt")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types and OSError
         raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
-    keys = {k.removeprefix("model.diffusion_model.").removeprefix("diffusion_model."): k for k in handle.keys()}
-    config = family_for_dit_shape(dit_shape_from_keys({k: tuple(handle.get_slice(v).get_shape()) for k, v in keys.items()})).dit
+    keys = {k.removeprefix("model.diffusion_model.").removeprefix("diffusion_model."): k for k in handle.keys()}  # noqa: SIM118 -- safe_open is not a dict
+    config = family_for_dit_shape(
+        dit_shape_from_keys({k: tuple(handle.get_slice(v).get_shape()) for k, v in keys.items()})
+    ).dit
     with torch.device("meta"):
         model = Flux2(config)
     expected = set(model.state_dict())
@@ -206,8 +229,9 @@ def load_bfl_fp8_transformer(path, *, device: str | torch.device = "cpu", dtype:
         value = handle.get_tensor(keys[name])
         if module_name in scaled and attr == "weight":
             linear = model.get_submodule(module_name)
-            q = Float8Linear(linear.in_features, linear.out_features, False, dtype, device,
-                             scaled_mm=fp8_matmul_available(device))
+            q = Float8Linear(
+                linear.in_features, linear.out_features, False, dtype, device, scaled_mm=fp8_matmul_available(device)
+            )
             q.weight.copy_(value.to(device, torch.float8_e4m3fn))
             scale = handle.get_tensor(keys[module_name + ".weight_scale"]).float().reshape(-1)
             q.weight_scale.copy_(scale.expand(linear.out_features) if scale.numel() == 1 else scale)

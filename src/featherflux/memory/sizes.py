@@ -86,7 +86,9 @@ class DiTWeights:
 
     def block_bytes(self, quantize: str | None = None) -> list[int]:
         """Bytes of each block in execution order: the double blocks, then the single blocks."""
-        return [self.double_block.nbytes(quantize)] * self.depth + [self.single_block.nbytes(quantize)] * self.depth_single
+        return [self.double_block.nbytes(quantize)] * self.depth + [
+            self.single_block.nbytes(quantize)
+        ] * self.depth_single
 
 
 def dit_weights(c: DiTConfig) -> DiTWeights:

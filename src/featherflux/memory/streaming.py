@@ -182,7 +182,7 @@ def stream_modules(
     for position, (parent, name) in enumerate(entries):
         module = parent._modules[name]
         if isinstance(module, StreamedModule):
-            raise ValueError(f"{name} is already streamed")
+            raise TypeError(f"{name} is already streamed")
         if position in resident:
             module.to(device)
             continue
@@ -202,8 +202,12 @@ def block_entries(module_lists: Iterable[nn.ModuleList]) -> list[tuple[nn.Module
 def leaf_entries(module: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)) -> list[tuple[nn.Module, str]]:
     """Every `kinds` leaf in registration order (which is execution order for our networks; if a model runs
     them in another order, a module is loaded when called instead of prefetched, which is slower but correct)."""
-    return [(parent, name) for parent in module.modules() for name, child in parent._modules.items()
-            if isinstance(child, kinds)]
+    return [
+        (parent, name)
+        for parent in module.modules()
+        for name, child in parent._modules.items()
+        if isinstance(child, kinds)
+    ]
 
 
 def streamed_bytes(streamer: Streamer) -> int:
