@@ -89,3 +89,14 @@ def test_out_of_memory_falls_back_to_the_next_plan(klein_dir, reference):
     with pytest.warns(UserWarning, match="falling back"):
         pipe(**CALL)
     assert pipe.placement.plan.peak_vram_bytes < first.peak_vram_bytes
+
+
+def test_generate_cli_memory_flags(klein_dir, tmp_path, capsys):
+    from featherflux.cli import main
+
+    out = tmp_path / "out.png"
+    argv = ["generate", "a dog is dancing", "--model", str(klein_dir), "--width", "64", "--height", "64",
+            "--steps", "1", "--seed", "0", "-o", str(out), "--offload", "blocks", "--embed-cache", str(tmp_path / "c")]
+    assert main(argv) == 0
+    assert out.is_file() and "memory plan" in capsys.readouterr().err
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1

@@ -39,6 +39,12 @@ def register(subparsers) -> None:
                         "(token from $FEATHERFLUX_TEXT_ENCODER_TOKEN)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",  # LORA: featherflux.lora
                    type=parse_lora_arg, help="apply a LoRA file (any common format) at SCALE (default 1); repeatable")
+    # MEM: featherflux.memory placement (see `featherflux plan`)
+    p.add_argument("--vram", help="device memory budget, e.g. 24 or 24GiB (default: the CUDA device's)")
+    p.add_argument("--ram", help="host memory budget (default: this machine's)")
+    p.add_argument("--offload", choices=["model", "blocks", "sequential"], help="fix the placement (default: planned)")
+    p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], help="fix the quantization (default: planned)")
+    p.add_argument("--embed-cache", metavar="DIR", help="keep prompt embeddings on disk; a repeated prompt skips the text encoder")
     p.set_defaults(func=run)
 
 
@@ -84,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("default", UserWarning)
         try:
             pipe = load_pipeline(model, device=args.device, dtype=DTYPES.get(args.dtype),
-                                 text_encoder=args.text_encoder)  # ENC
+                                 text_encoder=args.text_encoder,  # ENC
+                                 vram=args.vram, ram=args.ram, offload=args.offload, quantize=args.quantize,  # MEM
+                                 embed_cache=args.embed_cache)  # MEM
+            if pipe.placement is not None:  # MEM
+                print(f"featherflux: memory plan: {pipe.placement.plan.explanation}", file=sys.stderr)
             for lora_path, lora_scale in args.lora:  # LORA
                 pipe.load_lora(lora_path, scale=lora_scale)
             steps = args.steps or pipe.family.default_steps
