@@ -10,26 +10,26 @@ from featherflux.weights.io import materialize
 from featherflux.weights.transformer import config_from_diffusers, diffusers_to_native
 
 # diffusers constructor kwargs; in_channels 8 = 4 x 2 latent channels like tests/tiny.py
-GUIDED = dict(
-    in_channels=8,
-    num_layers=1,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=24,
-    axes_dims_rope=(4, 4, 4, 4),
-    guidance_embeds=True,
-)
-UNGUIDED = dict(
-    in_channels=8,
-    num_layers=2,
-    num_single_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=12,
-    axes_dims_rope=(2, 2, 2, 2),
-    guidance_embeds=False,
-)
+GUIDED = {
+    "in_channels": 8,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "axes_dims_rope": (4, 4, 4, 4),
+    "guidance_embeds": True,
+}
+UNGUIDED = {
+    "in_channels": 8,
+    "num_layers": 2,
+    "num_single_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 12,
+    "axes_dims_rope": (2, 2, 2, 2),
+    "guidance_embeds": False,
+}
 
 
 def diffusers_transformer(seed: int = 0, **kwargs) -> Flux2Transformer2DModel:
@@ -65,14 +65,14 @@ def inputs(reference, batch=2, h=3, w=5, txt=7, dtype=torch.float32, guidance=Tr
     """Keyword inputs in our names: non-square grid, distinct timesteps per sample."""
     g = torch.Generator().manual_seed(seed)
     cfg = reference.config
-    return dict(
-        x=torch.randn(batch, h * w, cfg.in_channels, generator=g).to(dtype),
-        x_ids=grid_ids(batch, h, w),
-        timesteps=torch.linspace(0.9, 0.2, batch),
-        ctx=torch.randn(batch, txt, cfg.joint_attention_dim, generator=g).to(dtype),
-        ctx_ids=text_ids(batch, txt),
-        guidance=torch.linspace(4.0, 2.5, batch) if guidance else None,
-    )
+    return {
+        "x": torch.randn(batch, h * w, cfg.in_channels, generator=g).to(dtype),
+        "x_ids": grid_ids(batch, h, w),
+        "timesteps": torch.linspace(0.9, 0.2, batch),
+        "ctx": torch.randn(batch, txt, cfg.joint_attention_dim, generator=g).to(dtype),
+        "ctx_ids": text_ids(batch, txt),
+        "guidance": torch.linspace(4.0, 2.5, batch) if guidance else None,
+    }
 
 
 def run_diffusers(reference, x, x_ids, timesteps, ctx, ctx_ids, guidance=None) -> torch.Tensor:

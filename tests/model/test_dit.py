@@ -16,10 +16,10 @@ from tests.dit_fixtures import (
 )
 
 CASES = {
-    "guided": (GUIDED, dict(h=3, w=5)),
-    "guided-called-without-guidance": (GUIDED, dict(h=4, w=2, guidance=False)),
-    "unguided": (UNGUIDED, dict(h=2, w=6, guidance=False)),
-    "unguided-batch1-tall": (UNGUIDED, dict(batch=1, h=7, w=2, txt=3, guidance=False)),
+    "guided": (GUIDED, {"h": 3, "w": 5}),
+    "guided-called-without-guidance": (GUIDED, {"h": 4, "w": 2, "guidance": False}),
+    "unguided": (UNGUIDED, {"h": 2, "w": 6, "guidance": False}),
+    "unguided-batch1-tall": (UNGUIDED, {"batch": 1, "h": 7, "w": 2, "txt": 3, "guidance": False}),
 }
 
 
@@ -78,7 +78,7 @@ def test_kv_extract_and_cached_match_diffusers(kwargs):
     refs, ref_ids = torch.randn(2, num_ref, 8), grid_ids(2, 2, 3, t=10)
     x = torch.cat([refs, args["x"]], dim=1)  # references first in extract mode
     x_ids = torch.cat([ref_ids, args["x_ids"]], dim=1)
-    common = dict(encoder_hidden_states=args["ctx"], txt_ids=args["ctx_ids"], guidance=args["guidance"])
+    common = {"encoder_hidden_states": args["ctx"], "txt_ids": args["ctx_ids"], "guidance": args["guidance"]}
     with torch.no_grad():
         expected, cache = reference(
             hidden_states=x, img_ids=x_ids, timestep=args["timesteps"], kv_cache_mode="extract",

@@ -120,7 +120,7 @@ def _open_file(path: Path):
 
 def _single_file(path: Path) -> Checkpoint:
     handle = _open_file(path)
-    return Checkpoint([path], {k: path for k in handle.keys()}, {path: handle})
+    return Checkpoint([path], {k: path for k in handle.keys()}, {path: handle})  # noqa: SIM118 (not a dict)
 
 
 def _sharded(index_path: Path) -> Checkpoint:
@@ -135,7 +135,7 @@ def _sharded(index_path: Path) -> Checkpoint:
     handles = {f: _open_file(f) for f in files}
     key_to_file: dict[str, Path] = {}
     for f, handle in handles.items():
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
             key_to_file[key] = f
     listed_absent = [k for k, name in weight_map.items() if key_to_file.get(k) != index_path.parent / name]
     if listed_absent:
@@ -149,9 +149,7 @@ def _sharded(index_path: Path) -> Checkpoint:
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a `.safetensors` file, or a folder with one such file or with shards and a `*.safetensors.index.json`."""
     path = Path(path)
-    expected = (
-        "a .safetensors file, or a folder with one .safetensors file or shards and a *.safetensors.index.json"
-    )
+    expected = "a .safetensors file, or a folder with one .safetensors file or shards and a *.safetensors.index.json"
     if not path.exists():
         raise WeightsError(f"{path} does not exist; expected {expected}")
     if path.is_file():
