@@ -16,8 +16,8 @@ def test_serve_ray_flags_become_replica_settings(monkeypatch, tmp_path):
     assert main(argv) == 0
     (settings, kw), = calls
     assert (settings.model, settings.output_dir, settings.max_batch) == ("/models/klein", str(tmp_path), 2)
-    assert kw == dict(host="127.0.0.1", port=9000, address="auto", replicas=1, autoscale=(1, 3),
-                      gpus_per_replica=0.0, cpus_per_replica=1.0)
+    assert kw == {"host": "127.0.0.1", "port": 9000, "address": "auto", "replicas": 1, "autoscale": (1, 3),
+                  "gpus_per_replica": 0.0, "cpus_per_replica": 1.0}
     assert main(["serve", "--ray", "--model", "m", "--autoscale", "two"]) == 2  # a UserError, not a traceback
 
 

@@ -78,7 +78,8 @@ def _progress(public: dict) -> tuple[int, int]:
 
 def job_board():
     """The cluster's board, created by the first replica that asks; it outlives replica restarts."""
-    return JobBoard.options(name=BOARD_NAME, get_if_exists=True, lifetime="detached").remote()
+    return JobBoard.options(name=BOARD_NAME, namespace=BOARD_NAME, get_if_exists=True, lifetime="detached",
+                            max_restarts=-1).remote()
 
 
 def shared_jobs(app, *, replica: int, api_keys: Path | None):
@@ -177,7 +178,8 @@ async def _stream_from_board(send, board, job_id: str, entry: dict) -> None:
         public = entry["public"]
         if public != last:
             finished = public["state"] in FINISHED
-            name = "done" if finished else ("progress" if last and last["state"] == public["state"] else public["state"])
+            same_state = last is not None and last["state"] == public["state"]
+            name = "done" if finished else ("progress" if same_state else public["state"])
             event = {"event": name} | public
             await send({"type": "http.response.body", "body": f"event: {name}\ndata: {json.dumps(event)}\n\n".encode(),
                         "more_body": not finished})

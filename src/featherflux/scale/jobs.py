@@ -64,9 +64,9 @@ def _safe_id(raw: str) -> str:
 
 
 def parse_job(obj: dict, line: int) -> BatchJob:
-    """One decoded JSON line -> a BatchJob; raises ValueError with the reason on a bad line."""
+    """One decoded JSON line -> a BatchJob; raises ValueError or TypeError with the reason on a bad line."""
     if not isinstance(obj, dict):
-        raise ValueError("expected a JSON object")
+        raise TypeError("expected a JSON object")
     unknown = set(obj) - JOB_FIELDS
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)}; known: {sorted(JOB_FIELDS)}")
@@ -87,7 +87,7 @@ def parse_job(obj: dict, line: int) -> BatchJob:
     loras = obj.get("loras") or []
     refs = obj.get("references") or []
     if not isinstance(loras, list) or not isinstance(refs, list):
-        raise ValueError("'loras' and 'references' must be lists")
+        raise TypeError("'loras' and 'references' must be lists")
     return BatchJob(
         id=job_id,
         line=line,

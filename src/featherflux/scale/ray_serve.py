@@ -109,7 +109,7 @@ def build_app(settings: ReplicaSettings, *, replicas: int = 1, autoscale: tuple[
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
-    low, sep, high = text.partition(":")
+    low, _, high = text.partition(":")
     try:
         return int(low), int(high)
     except ValueError:
