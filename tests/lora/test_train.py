@@ -55,7 +55,7 @@ def test_lora_training_lowers_loss_and_diffusers_loads_it(tmp_path):
 
 @pytest.mark.parametrize("mode,optimizer", [("lora", "adamw"), ("full", "adamw"), ("lora", "adamw8bit")])
 def test_resume_equals_uninterrupted(tmp_path, mode, optimizer):
-    config = TrainConfig(mode=mode, optimizer=optimizer, steps=6, learning_rate=1e-3, batch_size=2, rank=2, checkpoint_every=2,
+    config = TrainConfig(mode=mode, optimizer=optimizer, steps=6, lr_schedule="cosine", warmup_steps=2, learning_rate=1e-3, batch_size=2, rank=2, checkpoint_every=2,
                          caption_dropout=0.3, gradient_checkpointing=True)
     straight = train(fresh_model(), tiny_data(), config, tmp_path / "a")
     train(fresh_model(), tiny_data(), config, tmp_path / "b", stop_after=3)  # dies after step 3, checkpoint at 2

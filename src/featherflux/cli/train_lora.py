@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
     p.add_argument("--learning-rate", "--lr", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--resolution", type=int, default=512, help="training pixels ~ resolution^2 per image")
     p.add_argument("--no-buckets", action="store_true", help="centre-crop everything square instead of bucketing")
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config = TrainConfig(
         mode=args.mode, steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         rank=args.rank, alpha=args.alpha if args.alpha is not None else float(args.rank),
         timestep_sampling=args.timestep_sampling, caption_dropout=args.caption_dropout, guidance=args.guidance,
         optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,

@@ -49,6 +49,8 @@ class TrainConfig:
     mode: str = "lora"  # "lora" | "full"
     steps: int = 1000
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"  # "constant" | "cosine" (to 0 at `steps`), after a linear warmup
+    warmup_steps: int = 0
     batch_size: int = 1
     rank: int = 16
     alpha: float = 16.0
@@ -73,6 +75,8 @@ class TrainConfig:
             raise UserError(f"unknown training mode {self.mode!r}; use lora or full")
         if self.timestep_sampling not in ("shift", "logit_normal", "uniform"):
             raise UserError(f"unknown timestep sampling {self.timestep_sampling!r}; use shift, logit_normal or uniform")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"unknown learning-rate schedule {self.lr_schedule!r}; use constant or cosine")
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise UserError(f"unknown optimizer {self.optimizer!r}; use adamw or adamw8bit")
         if self.steps < 1 or self.batch_size < 1 or self.rank < 1:
@@ -165,6 +169,15 @@ def save_lora(model: nn.Module, output: Path, config: TrainConfig, step: int) ->
     bfl_sd = to_bfl_state_dict(pairs, config.alpha / config.rank)
     _atomic(bfl_path, lambda tmp: save_file(bfl_sd, tmp, metadata={"format": "pt"} | info))
     return [diffusers_path, bfl_path]
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): a pure function of the step, so resume needs no state."""
+    scale = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.lr_schedule == "cosine":
+        progress = max(0.0, step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.learning_rate * scale
 
 
 def sample_sigmas(n: int, seq_len: int, config: TrainConfig, g: torch.Generator) -> Tensor:
@@ -292,12 +305,15 @@ def train(model: nn.Module, data: CachedDataset, config: TrainConfig, output: st
                 loss = flow_matching_loss(model, latents, embeds.to(device), sigmas, noise, config.guidance)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                lr = learning_rate(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 if config.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(list(named.values()), config.max_grad_norm)
                 optimizer.step()
                 step += 1
                 losses.append(loss.item())
-                log.writerow([step, f"{losses[-1]:.6f}", config.learning_rate, f"{time.perf_counter() - start:.4f}"])
+                log.writerow([step, f"{losses[-1]:.6f}", f"{lr:.3g}", f"{time.perf_counter() - start:.4f}"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
