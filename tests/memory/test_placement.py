@@ -195,3 +195,22 @@ def test_mmap_safetensors_reads_lazily(tmp_path):
     save_file(tensors, tmp_path / "w.safetensors")
     mapped = mmap_safetensors(tmp_path / "w.safetensors")
     assert all(torch.equal(mapped[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="side-stream prefetch and pinned memory need CUDA")
+@torch.no_grad()
+def test_cuda_streaming_matches_resident_within_its_budget(small_dit):
+    device = torch.device("cuda")
+    inputs = [t.to(device) for t in dit_inputs(SMALL_DIT)]
+    reference = copy.deepcopy(small_dit).to(device)(*inputs)
+    ledger = DeviceLedger()
+    apply_placement(fake_pipe(small_dit), small_plan(dit_resident_blocks=(1,)), device, ledger)
+    assert all(p.is_pinned() for m in small_dit.modules() if isinstance(m, StreamedModule) for p in m.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    for _ in range(3):
+        assert torch.equal(small_dit(*inputs), reference)
+    torch.cuda.synchronize()
+    blocks = [module_bytes(b) for b in [*small_dit.double_blocks, *small_dit.single_blocks]]
+    assert torch.cuda.max_memory_allocated() - before < 2 * max(blocks) + 64 * 2**20  # two blocks + activations
