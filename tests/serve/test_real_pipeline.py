@@ -11,6 +11,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from featherflux.cli import main
 from featherflux.images import read_png_parameters
@@ -75,16 +76,33 @@ def _png(size) -> bytes:
     return buffer.getvalue()
 
 
-def test_featherflux_serve_command_serves_the_model(tiny_dir, tmp_path, monkeypatch):
+def write_lora(path, transformer, rank=2):
+    """A BFL-named LoRA on the final projection: strong enough to change every pixel."""
+    linear = transformer.final_layer.linear
+    save_file({"diffusion_model.final_layer.linear.lora_A.weight": torch.randn(rank, linear.in_features),
+               "diffusion_model.final_layer.linear.lora_B.weight": torch.randn(linear.out_features, rank)}, path)
+
+
+def test_featherflux_serve_command_serves_the_model_with_loras(tiny_dir, tmp_path, monkeypatch):
     served = {}
     monkeypatch.setattr("featherflux.serve.api.run_server", lambda app, **where: served.update(app=app, **where))
-    assert main(["serve", "--model", str(tiny_dir), "--output-dir", str(tmp_path), "--port", "8899",
-                 "--max-batch", "1", "--max-queue", "3"]) == 0
+    (tmp_path / "loras").mkdir()
+    write_lora(tmp_path / "loras" / "bold.safetensors", load_pipeline(tiny_dir).transformer)
+    assert main(["serve", "--model", str(tiny_dir), "--output-dir", str(tmp_path / "out"), "--port", "8899",
+                 "--max-batch", "1", "--max-queue", "3", "--lora-dir", str(tmp_path / "loras")]) == 0
     assert (served["host"], served["port"]) == ("127.0.0.1", 8899)
+    assert served["app"].state.queue.max_queue == 3 and served["app"].state.queue.max_batch == 1
     with LiveServer(served["app"]) as live:
         health = httpx.get(live.url + "/health").json()
         assert health["defaults"] == {"size": "1024x1024", "steps": 4, "guidance": 1.0, "max_n": 4, "max_steps": 100}
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
-        result = client.images.generate(prompt="a dog", size="64x64", extra_body={"seed": 1, "steps": 1})
-        assert pixels(base64.b64decode(result.data[0].b64_json)).shape == (64, 64, 3)
-    assert served["app"].state.queue.max_queue == 3 and served["app"].state.queue.max_batch == 1
+
+        def picture(**extra):
+            result = client.images.generate(prompt="a dog", size="64x64", extra_body={"seed": 1, "steps": 1} | extra)
+            return pixels(base64.b64decode(result.data[0].b64_json))
+
+        plain, styled = picture(), picture(loras=[{"name": "bold", "scale": 1.0}])
+        assert np.abs(plain - styled).max() > 10  # the adapter is applied for the job that names it
+        assert np.array_equal(picture(), plain)  # and switched off for the next job that does not
+        with pytest.raises(openai.BadRequestError, match="unknown LoRA 'thin'; available: bold"):
+            picture(loras=["thin"])
