@@ -8,7 +8,9 @@ Notable features:
 - One `Streamer` per network knows the execution order. When module i starts, the copy of the next streamed module
   is queued on a side CUDA stream, so it overlaps module i's compute. At most two streamed modules are on the
   device at any time: the running one and the prefetched one. Device copies are fresh tensors (the caching
-  allocator recycles them), tagged with `record_stream` so they are not reused before compute is done with them.
+  allocator recycles them), tagged with `record_stream` so they are not reused before compute is done with them;
+  the host waits for block i-1's compute before queueing block i+1's copy, so it cannot run ahead and make the
+  allocator take fresh memory for every block.
 - Host weights are pinned (page-locked) when the device is CUDA: only pinned memory copies asynchronously at full
   PCIe speed.
 - On CPU (and on the meta device) the "device" equals the host: nothing is copied, but the same code runs and a
@@ -62,6 +64,7 @@ class Streamer:
         self.modules: list[StreamedModule] = []
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._loaded: dict[int, tuple[dict[str, Tensor], int, object]] = {}  # index -> (tensors, bytes, event)
+        self._done: dict[int, torch.cuda.Event] = {}  # index -> compute of that module finished
 
     def register(self, module: StreamedModule) -> int:
         self.modules.append(module)
@@ -74,6 +77,11 @@ class Streamer:
         if self.copy_stream is None:
             self._loaded[i] = ({k: t.to(self.device) for k, t in host.items()}, nbytes, None)
             return
+        # The host runs ahead of the GPU. Memory freed after use is reusable only once the GPU is done with it, so
+        # without this wait the copies would run many blocks ahead and each would take fresh memory.
+        done = self._done.pop((i - 2) % len(self.modules), None)
+        if done is not None:
+            done.synchronize()
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             tensors = {k: t.to(self.device, non_blocking=True) for k, t in host.items()}
@@ -104,6 +112,9 @@ class Streamer:
 
     def release(self, i: int) -> None:
         if i in self._loaded:
+            if self.copy_stream is not None:
+                self._done[i] = torch.cuda.Event()
+                self._done[i].record(torch.cuda.current_stream(self.device))
             self._drop(i)
 
     def close(self) -> None:
