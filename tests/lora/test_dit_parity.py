@@ -67,7 +67,7 @@ def test_lycoris_lokr_matches_diffusers(tmp_path):
         torch.testing.assert_close(model(**kw), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_lora_on_int8_base_is_a_side_branch(tmp_path, peft_lora_file):
+def test_lora_on_int8_base_is_a_side_branch(tmp_path):
     reference = diffusers_transformer(**GUIDED)
     peft_file = save_peft_lora(diffusers_transformer(**GUIDED), tmp_path)
     kw = inputs(reference)
@@ -78,3 +78,21 @@ def test_lora_on_int8_base_is_a_side_branch(tmp_path, peft_lora_file):
         load_lora(model, peft_file, scale=1.0)
         # same delta as on the float model, up to int8 rounding of the base
         torch.testing.assert_close(model(**kw) - plain, lora_delta, atol=5e-2, rtol=5e-2)
+
+
+def test_lora_on_block_streamed_model(tmp_path):
+    from featherflux.memory.streaming import block_entries, stream_modules
+
+    reference = diffusers_transformer(**GUIDED)
+    peft_file = save_peft_lora(diffusers_transformer(**GUIDED), tmp_path)
+    kw = inputs(reference)
+    plain = ours_from(reference)
+    load_lora(plain, peft_file)
+    streamed = ours_from(reference)
+    stream_modules(block_entries([streamed.double_blocks, streamed.single_blocks]), "cpu")
+    load_lora(streamed, peft_file, scale=0.5)
+    with torch.no_grad():
+        from featherflux.lora import set_lora_scale
+
+        set_lora_scale(streamed, "pytorch_lora_weights", 1.0)
+        torch.testing.assert_close(streamed(**kw), plain(**kw), atol=1e-5, rtol=1e-5)
