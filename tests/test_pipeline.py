@@ -81,6 +81,12 @@ def test_matches_diffusers(pipes, kind, n_refs, steps, size, guidance):
     assert ours.std() > 0.01  # a real picture, not a constant
 
 
+def test_custom_sigmas_match_diffusers(pipes):
+    ours, theirs = run_both(pipes, "klein", prompt=PROMPTS[:1], num_inference_steps=3, sigmas=[1.0, 0.6, 0.25],
+                            height=64, width=64)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
 def test_images_per_prompt_with_one_generator_per_image(pipes):
     gens = lambda seed: [torch.Generator().manual_seed(seed + i) for i in range(4)]  # noqa: E731
     ours, theirs = run_both(pipes, "dev", prompt=PROMPTS, num_images_per_prompt=2, num_inference_steps=2,

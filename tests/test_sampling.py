@@ -51,6 +51,15 @@ def test_schedule_equals_diffusers_scheduler_bitwise(steps, seq_len):
     assert torch.equal(get_schedule(steps, seq_len), scheduler.sigmas)
 
 
+def test_custom_sigmas_equal_diffusers_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    custom = [1.0, 0.7, 0.45, 0.2]
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0)
+    scheduler.set_timesteps(sigmas=custom, mu=compute_empirical_mu(1024, 50))
+    assert torch.equal(get_schedule(50, 1024, custom), scheduler.sigmas)  # mu from the requested step count
+
+
 def test_euler_step_is_fp32_and_returns_velocity_dtype():
     x = torch.randn(2, 5, 8).bfloat16()
     v = torch.randn(2, 5, 8).bfloat16()

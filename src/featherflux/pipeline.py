@@ -66,6 +66,7 @@ class Request:
     height: int
     width: int
     num_steps: int
+    sigmas: list[float] | None  # custom unshifted sigmas (diffusers' `sigmas=`); their count sets the steps
     guidance: float
     num_images_per_prompt: int
     generator: torch.Generator | list[torch.Generator] | None
@@ -139,6 +140,7 @@ class Flux2Pipeline:
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -162,14 +164,14 @@ class Flux2Pipeline:
         request = self._request(
             prompt, image, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, generator, seed,
             latents, prompt_embeds, negative_prompt_embeds, max_sequence_length, output_type, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, text_encoder_out_layers, show_progress,
+            callback_on_step_end_tensor_inputs, text_encoder_out_layers, show_progress, sigmas=sigmas,
         )
         images = self.generate(request)
         return Flux2PipelineOutput(images) if return_dict else (images,)
 
     def _request(self, prompt, image, height, width, steps, guidance, per_prompt, generator, seed, latents,
                  prompt_embeds, negative_prompt_embeds, max_sequence_length, output_type, callback, callback_inputs,
-                 out_layers, show_progress) -> Request:
+                 out_layers, show_progress, sigmas=None) -> Request:
         if (prompt is None) == (prompt_embeds is None):
             raise UserError("pass exactly one of `prompt` and `prompt_embeds`")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
@@ -195,6 +197,8 @@ class Flux2Pipeline:
         steps = steps or self.family.default_steps
         if steps < 1:
             raise UserError(f"num_inference_steps must be >= 1, got {steps}")
+        if sigmas is not None and (len(sigmas) < 1 or not all(0 < s <= 1 for s in sigmas)):
+            raise UserError("sigmas must be a non-empty list of values in (0, 1], e.g. numpy.linspace(1, 1/N, N)")
         return Request(
             prompts=prompts,
             prompt_embeds=prompt_embeds,
@@ -203,6 +207,7 @@ class Flux2Pipeline:
             height=height,
             width=width,
             num_steps=int(steps),
+            sigmas=None if sigmas is None else [float(s) for s in sigmas],
             guidance=float(self.family.default_guidance if guidance is None else guidance),
             num_images_per_prompt=per_prompt,
             generator=generator,
@@ -328,7 +333,7 @@ class Flux2Pipeline:
         dit = self.transformer
         dit_dtype = next(dit.parameters()).dtype
         batch, num_img = latents.shape[:2]
-        sigmas = get_schedule(request.num_steps, num_img).to(self.device)
+        sigmas = get_schedule(request.num_steps, num_img, request.sigmas).to(self.device)
         x_ids = image_ids(h, w).to(self.device)
         all_ids = x_ids if ref_ids is None else torch.cat([x_ids, ref_ids])
         ctx_ids = text_ids(embeds.shape[1]).to(self.device)
@@ -336,7 +341,7 @@ class Flux2Pipeline:
         if self.family.dit.guidance_embed:
             guidance = torch.full((batch,), request.guidance, dtype=torch.float32, device=self.device)
         kv_cache = None
-        steps = tqdm(range(request.num_steps), desc="denoising", disable=not request.show_progress, leave=False)
+        steps = tqdm(range(len(sigmas) - 1), desc="denoising", disable=not request.show_progress, leave=False)
         for i in steps:
             # diffusers rounds the timestep through the latents' dtype before dividing by 1000
             t = (sigmas[i] * 1000).expand(batch).to(latents.dtype) / 1000

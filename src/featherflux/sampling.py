@@ -35,15 +35,18 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
     return float(a * num_steps + b)
 
 
-def get_schedule(num_steps: int, image_seq_len: int) -> Tensor:
+def get_schedule(num_steps: int, image_seq_len: int, sigmas: list[float] | None = None) -> Tensor:
     """fp32 sigmas (num_steps + 1,) from 1 towards 0, shifted for `image_seq_len` image tokens; the last is 0.
 
-    Timesteps fed to the DiT are `sigmas[:-1] * 1000` (then cast to the latents' dtype, as diffusers does).
+    `sigmas` replaces the unshifted `linspace(1, 1/N, N)` (diffusers' `sigmas=`); mu still uses `num_steps`, as in
+    diffusers. Timesteps fed to the DiT are `sigmas[:-1] * 1000` (then cast to the latents' dtype, as diffusers does).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     mu = compute_empirical_mu(image_seq_len, num_steps)
-    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    sigmas = np.asarray(sigmas, dtype=np.float64).astype(np.float32)
     # exp(mu) / (exp(mu) + (1/s - 1)); python floats stay "weak", so this is fp32 arithmetic like diffusers'
     sigmas = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
     return torch.cat([torch.from_numpy(np.asarray(sigmas, dtype=np.float32)), torch.zeros(1)])
