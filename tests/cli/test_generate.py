@@ -67,3 +67,20 @@ def test_info_reads_headers_only(model, capsys):
     assert info["components"]["transformer"]["dtypes"] == {"F32": info["components"]["transformer"]["bytes"]}
     assert main(["info", model]) == 0
     assert "custom-klein" in capsys.readouterr().out
+
+
+
+def test_info_names_the_family_of_a_bfl_transformer_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from featherflux.model.config import FAMILIES
+    from featherflux.model.dit import Flux2
+
+    model = Flux2(FAMILIES["demo"].dit)  # native parameter names are BFL's checkpoint names
+    path = tmp_path / "demo-dit.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "demo"
+    assert info["components"]["file"]["params"] == sum(p.numel() for p in model.parameters())
+    assert info["components"]["file"]["dtypes"] == {"F32": info["components"]["file"]["bytes"]}

@@ -70,11 +70,28 @@ def tally(files: list[Path], keep=lambda name: True) -> Tally:
     return t
 
 
+def _single_file_family(path: Path) -> str | None:
+    """The named family of a BFL transformer file, from its tensor shapes (None if it is not one we know)."""
+    from types import SimpleNamespace
+
+    from featherflux.weights.transformer import config_from_shapes, family_of, strip_bfl_prefix
+
+    shapes = {k: SimpleNamespace(shape=tuple(v["shape"])) for k, v in read_header(path).items()}
+    try:
+        return family_of(config_from_shapes(strip_bfl_prefix(shapes), path))
+    except WeightsError:
+        return None
+
+
 def summarize(model: str) -> dict:
     from featherflux.loading import build_family, resolve_model_path, variant_of
 
     if Path(model).is_file():
-        return {"model": model, "components": {"file": tally([Path(model)]).as_dict()}}
+        out = {"model": model, "components": {"file": tally([Path(model)]).as_dict()}}
+        family = _single_file_family(Path(model))
+        if family:
+            out["family"], out["variant"] = family, "transformer file"
+        return out
     folder, model_id = resolve_model_path(model)
     variant = variant_of(folder)
     family = build_family(folder, variant)
