@@ -11,13 +11,24 @@ from torch import nn
 from featherflux.lora.formats import SWAPPED_HALVES, native_linear_shapes, native_to_diffusers
 from featherflux.model.config import DiTConfig
 
-DIFFUSERS_KW = dict(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                    num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=256,
-                    axes_dims_rope=[4, 4, 4, 4])
-CONFIG = DiTConfig(in_channels=4, context_in_dim=16, hidden_size=32, num_heads=2, depth=2, depth_single_blocks=2,
-                   axes_dim=(4, 4, 4, 4))
-TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|to_qkv_mlp_proj|"
-           r"single_transformer_blocks\.\d+\.attn\.to_out|linear_in|linear_out|norm_out\.linear|proj_out|x_embedder)$")
+DIFFUSERS_KW = dict(
+    patch_size=1,
+    in_channels=4,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    timestep_guidance_channels=256,
+    axes_dims_rope=[4, 4, 4, 4],
+)
+CONFIG = DiTConfig(
+    in_channels=4, context_in_dim=16, hidden_size=32, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 4, 4, 4)
+)
+TARGETS = (
+    r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|to_qkv_mlp_proj|"
+    r"single_transformer_blocks\.\d+\.attn\.to_out|linear_in|linear_out|norm_out\.linear|proj_out|x_embedder)$"
+)
 
 
 def diffusers_transformer(seed=0):
@@ -78,8 +89,11 @@ def save_peft_lora(transformer, folder, seed=1, r=4, alpha=8):
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.mul_(0.3)
-    Flux2Pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                    transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    Flux2Pipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
     transformer.delete_adapters("default")
     return Path(folder) / "pytorch_lora_weights.safetensors"
 

@@ -30,12 +30,35 @@ def make_data(folder, sizes=((80, 64), (64, 96), (64, 64))):
 def test_train_lora_command(tmp_path, klein_dir, capsys):
     data = make_data(tmp_path / "data")
     out = tmp_path / "out"
-    args = ["train-lora", "--model", str(klein_dir), "--data", str(data), "--output", str(out), "--steps", "4",
-            "--resolution", "64", "--rank", "2", "--checkpoint-every", "2", "--validate-every", "2",
-            "--validation-prompt", "a red square", "--caption-dropout", "0.5", "--gradient-checkpointing"]
+    args = [
+        "train-lora",
+        "--model",
+        str(klein_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--steps",
+        "4",
+        "--resolution",
+        "64",
+        "--rank",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--validate-every",
+        "2",
+        "--validation-prompt",
+        "a red square",
+        "--caption-dropout",
+        "0.5",
+        "--gradient-checkpointing",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "3 images with captions; 1 skipped without a .txt caption" in printed and "1 skipped as unreadable" in printed
+    assert (
+        "3 images with captions; 1 skipped without a .txt caption" in printed and "1 skipped as unreadable" in printed
+    )
     assert (out / "lora.safetensors").is_file() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     assert (out / "checkpoints" / "step-0000002" / "state.json").is_file()
@@ -50,8 +73,29 @@ def test_train_lora_command(tmp_path, klein_dir, capsys):
     assert not (plain.images == tuned.images).all()
 
     png = tmp_path / "with_lora.png"
-    assert main(["generate", "a red square", "--model", str(klein_dir), "--lora", f"{out / 'lora.safetensors'}:0.5",
-                 "--steps", "2", "--width", "64", "--height", "64", "--seed", "0", "-o", str(png)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a red square",
+                "--model",
+                str(klein_dir),
+                "--lora",
+                f"{out / 'lora.safetensors'}:0.5",
+                "--steps",
+                "2",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--seed",
+                "0",
+                "-o",
+                str(png),
+            ]
+        )
+        == 0
+    )
     from featherflux.images import read_png_parameters
 
     assert read_png_parameters(png)["loras"] == [f"{out / 'lora.safetensors'}:0.5"]
@@ -66,6 +110,7 @@ def test_bad_data_folders(tmp_path, klein_dir):
     Image.new("RGB", (8, 8)).save(only_uncaptioned / "a.png")
     with pytest.raises(UserError, match="1 skipped without a .txt caption"):
         scan_folder(only_uncaptioned)
-    code = main(["train-lora", "--model", str(klein_dir), "--data", str(tmp_path / "nope"), "--output",
-                 str(tmp_path / "o")])
+    code = main(
+        ["train-lora", "--model", str(klein_dir), "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "o")]
+    )
     assert code == 2

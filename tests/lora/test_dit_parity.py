@@ -31,8 +31,11 @@ def test_peft_bfl_kohya_files_match_diffusers(tmp_path):
 
     kohya = tmp_path / "kohya.safetensors"
     write_kohya(native_lora_pairs(peft_file, config), kohya)
-    bfl = {f"diffusion_model.{m}.{k}.weight": t.contiguous()
-           for m, (d, u) in native_lora_pairs(peft_file, config).items() for k, t in (("lora_A", d), ("lora_B", u))}
+    bfl = {
+        f"diffusion_model.{m}.{k}.weight": t.contiguous()
+        for m, (d, u) in native_lora_pairs(peft_file, config).items()
+        for k, t in (("lora_A", d), ("lora_B", u))
+    }
     save_file(bfl, tmp_path / "bfl.safetensors")
     for path in (peft_file, kohya, tmp_path / "bfl.safetensors"):
         model = ours_from(reference)

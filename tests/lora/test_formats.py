@@ -29,8 +29,13 @@ def oracle(peft_lora_file):
 
 
 def write_bfl(pairs, path, down_key="lora_A", up_key="lora_B"):
-    save_file({**{f"diffusion_model.{m}.{down_key}.weight": d.contiguous() for m, (d, u) in pairs.items()},
-               **{f"diffusion_model.{m}.{up_key}.weight": u.contiguous() for m, (d, u) in pairs.items()}}, path)
+    save_file(
+        {
+            **{f"diffusion_model.{m}.{down_key}.weight": d.contiguous() for m, (d, u) in pairs.items()},
+            **{f"diffusion_model.{m}.{up_key}.weight": u.contiguous() for m, (d, u) in pairs.items()},
+        },
+        path,
+    )
 
 
 def write_kohya(pairs, path, alpha=2.0):
@@ -75,7 +80,7 @@ def test_every_format_fuses_to_diffusers_weights(fmt, peft_lora_file, oracle, tm
 def test_diffusers_reads_our_test_conversions_the_same(peft_lora_file, oracle, tmp_path):
     """Guards the test's own BFL/kohya writers: diffusers gets the same weights from them (norm_out aside, where
     diffusers applies a BFL-named LoRA without reordering shift/scale, and kohya has no name for it)."""
-    base, fused = oracle
+    _, fused = oracle
     for writer in (write_bfl, write_kohya):
         path = tmp_path / f"{writer.__name__}.safetensors"
         writer(native_lora_pairs(peft_lora_file), path)
@@ -98,8 +103,7 @@ def test_scales_stack_and_unload(peft_lora_file, oracle):
     x = torch.randn(3, CONFIG.hidden_size)
     qkv = model.get_submodule("double_blocks.0.img_attn.qkv")
     delta = fused["double_blocks.0.img_attn.qkv"] - base["double_blocks.0.img_attn.qkv"]
-    torch.testing.assert_close(qkv(x), x @ (base["double_blocks.0.img_attn.qkv"] + 0.5 * delta).T, atol=1e-5,
-                               rtol=1e-5)
+    torch.testing.assert_close(qkv(x), x @ (base["double_blocks.0.img_attn.qkv"] + 0.5 * delta).T, atol=1e-5, rtol=1e-5)
     unload_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert set(model.state_dict()) == set(NativeStub().state_dict())
@@ -147,24 +151,46 @@ def test_lokr_formats_match_diffusers(tmp_path):
 def test_bad_loras_name_the_offending_keys(tmp_path, peft_lora_file):
     path = tmp_path / "bad.safetensors"
     # FLUX.1 keys: not a FLUX.2 layer
-    save_file({"lora_unet_double_blocks_0_img_mod_lin.lora_down.weight": torch.zeros(4, 32),
-               "lora_unet_double_blocks_0_img_mod_lin.lora_up.weight": torch.zeros(192, 4)}, path)
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_mod_lin.lora_down.weight": torch.zeros(4, 32),
+            "lora_unet_double_blocks_0_img_mod_lin.lora_up.weight": torch.zeros(192, 4),
+        },
+        path,
+    )
     with pytest.raises(WeightsError, match="img_mod_lin"):
         load_lora(NativeStub(), path)
     # a LoRA for a wider sibling of the family
-    wide = DiTConfig(in_channels=4, context_in_dim=16, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2,
-                     axes_dim=(4, 4, 4, 4))
+    wide = DiTConfig(
+        in_channels=4,
+        context_in_dim=16,
+        hidden_size=64,
+        num_heads=4,
+        depth=2,
+        depth_single_blocks=2,
+        axes_dim=(4, 4, 4, 4),
+    )
     with pytest.raises(WeightsError, match="does not fit"):
         load_lora(NativeStub(wide), peft_lora_file)
     # a block the model does not have
-    save_file({"diffusion_model.double_blocks.7.img_attn.proj.lora_A.weight": torch.zeros(4, 32),
-               "diffusion_model.double_blocks.7.img_attn.proj.lora_B.weight": torch.zeros(32, 4)}, path)
+    save_file(
+        {
+            "diffusion_model.double_blocks.7.img_attn.proj.lora_A.weight": torch.zeros(4, 32),
+            "diffusion_model.double_blocks.7.img_attn.proj.lora_B.weight": torch.zeros(32, 4),
+        },
+        path,
+    )
     with pytest.raises(WeightsError, match="double_blocks.7"):
         load_lora(NativeStub(), path)
     # one good key and one stray key: nothing is attached
-    save_file({"diffusion_model.img_in.lora_A.weight": torch.zeros(4, 4),
-               "diffusion_model.img_in.lora_B.weight": torch.zeros(32, 4),
-               "diffusion_model.img_in.lora_C.weight": torch.zeros(1)}, path)
+    save_file(
+        {
+            "diffusion_model.img_in.lora_A.weight": torch.zeros(4, 4),
+            "diffusion_model.img_in.lora_B.weight": torch.zeros(32, 4),
+            "diffusion_model.img_in.lora_C.weight": torch.zeros(1),
+        },
+        path,
+    )
     model = NativeStub()
     with pytest.raises(WeightsError, match="lora_C"):
         load_lora(model, path)

@@ -5,7 +5,6 @@ import csv
 import pytest
 import torch
 from dit_fixtures import GUIDED, diffusers_transformer, inputs, ours_from, run_diffusers
-
 from safetensors.torch import load_file
 
 from featherflux.errors import UserError
@@ -27,8 +26,9 @@ def fresh_model():
 
 
 def test_lora_training_lowers_loss_and_diffusers_loads_it(tmp_path):
-    config = TrainConfig(steps=40, learning_rate=3e-3, batch_size=2, rank=4, alpha=8, caption_dropout=0.2,
-                         base_model="tiny")
+    config = TrainConfig(
+        steps=40, learning_rate=3e-3, batch_size=2, rank=4, alpha=8, caption_dropout=0.2, base_model="tiny"
+    )
     model = fresh_model()
     result = train(model, tiny_data(), config, tmp_path)
     first, last = sum(result.losses[:8]) / 8, sum(result.losses[-8:]) / 8
@@ -55,8 +55,19 @@ def test_lora_training_lowers_loss_and_diffusers_loads_it(tmp_path):
 
 @pytest.mark.parametrize("mode,optimizer", [("lora", "adamw"), ("full", "adamw"), ("lora", "adamw8bit")])
 def test_resume_equals_uninterrupted(tmp_path, mode, optimizer):
-    config = TrainConfig(mode=mode, optimizer=optimizer, steps=6, lr_schedule="cosine", warmup_steps=2, learning_rate=1e-3, batch_size=2, rank=2, checkpoint_every=2,
-                         caption_dropout=0.3, gradient_checkpointing=True)
+    config = TrainConfig(
+        mode=mode,
+        optimizer=optimizer,
+        steps=6,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        learning_rate=1e-3,
+        batch_size=2,
+        rank=2,
+        checkpoint_every=2,
+        caption_dropout=0.3,
+        gradient_checkpointing=True,
+    )
     straight = train(fresh_model(), tiny_data(), config, tmp_path / "a")
     train(fresh_model(), tiny_data(), config, tmp_path / "b", stop_after=3)  # dies after step 3, checkpoint at 2
     resumed_model = fresh_model()

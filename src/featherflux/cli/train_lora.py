@@ -48,18 +48,36 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup = FinetuneSetup(
-        model=args.model, data=args.data, output=args.output, resolution=args.resolution, buckets=not args.no_buckets,
-        max_sequence_length=args.max_sequence_length, device=args.device, dtype=DTYPES.get(args.dtype),
-        quantize=args.quantize, text_encoder=args.text_encoder, text_encoder_token=args.text_encoder_token,
+        model=args.model,
+        data=args.data,
+        output=args.output,
+        resolution=args.resolution,
+        buckets=not args.no_buckets,
+        max_sequence_length=args.max_sequence_length,
+        device=args.device,
+        dtype=DTYPES.get(args.dtype),
+        quantize=args.quantize,
+        text_encoder=args.text_encoder,
+        text_encoder_token=args.text_encoder_token,
         validation_prompt=args.validation_prompt,
     )
     config = TrainConfig(
-        mode=args.mode, steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-        rank=args.rank, alpha=args.alpha if args.alpha is not None else float(args.rank),
-        timestep_sampling=args.timestep_sampling, caption_dropout=args.caption_dropout, guidance=args.guidance,
-        optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
-        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every, seed=args.seed,
+        mode=args.mode,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
+        rank=args.rank,
+        alpha=args.alpha if args.alpha is not None else float(args.rank),
+        timestep_sampling=args.timestep_sampling,
+        caption_dropout=args.caption_dropout,
+        guidance=args.guidance,
+        optimizer=args.optimizer,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        seed=args.seed,
     )
     result = finetune(setup, config)
     for path in result.outputs:

@@ -57,14 +57,15 @@ def scan_folder(folder: str | Path) -> tuple[list[tuple[Path, str]], DataReport]
         try:
             with Image.open(path) as im:
                 im.verify()
-        except Exception:  # PIL raises many types for broken files
+        except Exception:  # noqa: BLE001  (PIL raises many types for broken files)
             report.unreadable.append(path.name)
             continue
         pairs.append((path, caption.read_text(encoding="utf-8").strip()))
         report.used.append(path.name)
     if not pairs:
-        raise UserError(f"{folder}: no usable training images ({report.summary()}); add a same-name .txt caption "
-                        "next to each image")
+        raise UserError(
+            f"{folder}: no usable training images ({report.summary()}); add a same-name .txt caption next to each image"
+        )
     return pairs, report
 
 
@@ -74,7 +75,7 @@ def bucket_size(width: int, height: int, resolution: int, multiple: int, buckets
     best = min(ASPECT_RATIOS, key=lambda r: abs(math.log(r / ratio))) if buckets else 1.0
 
     def snap(v: float) -> int:
-        return max(multiple, int(round(v / multiple)) * multiple)
+        return max(multiple, round(v / multiple) * multiple)
 
     return snap(resolution * math.sqrt(best)), snap(resolution / math.sqrt(best))
 
@@ -93,8 +94,15 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cache_dataset(pipe, folder: str | Path, *, resolution: int, buckets: bool = True, max_sequence_length: int = 512,
-                  extra_prompts: tuple[str, ...] = ()) -> tuple[CachedDataset, dict[str, torch.Tensor], DataReport]:
+def cache_dataset(
+    pipe,
+    folder: str | Path,
+    *,
+    resolution: int,
+    buckets: bool = True,
+    max_sequence_length: int = 512,
+    extra_prompts: tuple[str, ...] = (),
+) -> tuple[CachedDataset, dict[str, torch.Tensor], DataReport]:
     """Encode every captioned image of `folder` with the pipeline's VAE encoder and prompt encoder.
 
     Returns the dataset, the embeddings of `extra_prompts` (validation prompts), and the scan report."""
@@ -110,8 +118,9 @@ def cache_dataset(pipe, folder: str | Path, *, resolution: int, buckets: bool = 
         latents.append(z[0].float().cpu())
         embeds.append(pipe.prompt_encoder.encode([caption], max_sequence_length=max_sequence_length)[0].float().cpu())
     empty = pipe.prompt_encoder.encode([""], max_sequence_length=max_sequence_length)[0].float().cpu()
-    extra = {p: pipe.prompt_encoder.encode([p], max_sequence_length=max_sequence_length).float().cpu()
-             for p in extra_prompts}
+    extra = {
+        p: pipe.prompt_encoder.encode([p], max_sequence_length=max_sequence_length).float().cpu() for p in extra_prompts
+    }
     return CachedDataset(latents, embeds, empty, report.used), extra, report
 
 
@@ -127,5 +136,12 @@ def cache_key(folder: str | Path, resolution: int, buckets: bool, max_sequence_l
     """What a cached dataset depends on, so a changed setting re-encodes instead of silently reusing."""
     folder = Path(folder)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
-    return json.dumps({"files": files, "resolution": resolution, "buckets": buckets,
-                       "max_sequence_length": max_sequence_length, "model": model})
+    return json.dumps(
+        {
+            "files": files,
+            "resolution": resolution,
+            "buckets": buckets,
+            "max_sequence_length": max_sequence_length,
+            "model": model,
+        }
+    )

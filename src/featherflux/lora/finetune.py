@@ -41,16 +41,27 @@ def finetune(setup: FinetuneSetup, config: TrainConfig) -> TrainResult:
     output.mkdir(parents=True, exist_ok=True)
     if setup.quantize and config.mode == "full":
         raise UserError("--quantize trains a LoRA on a frozen quantized base; it cannot be combined with --mode full")
-    pipe = load_pipeline(setup.model, device=setup.device, dtype=setup.dtype, text_encoder=setup.text_encoder,
-                         text_encoder_token=setup.text_encoder_token)
+    pipe = load_pipeline(
+        setup.model,
+        device=setup.device,
+        dtype=setup.dtype,
+        text_encoder=setup.text_encoder,
+        text_encoder_token=setup.text_encoder_token,
+    )
     length = setup.max_sequence_length or pipe.family.text_encoder.max_length
     prompts = (setup.validation_prompt,) if setup.validation_prompt else ()
     key = cache_key(setup.data, setup.resolution, setup.buckets, length, setup.model) + repr(prompts)
     cache_path = output / "cache.safetensors"
     cached = CachedDataset.load(cache_path, key)
     if cached is None:
-        data, extra, report = cache_dataset(pipe, setup.data, resolution=setup.resolution, buckets=setup.buckets,
-                                            max_sequence_length=length, extra_prompts=prompts)
+        data, extra, report = cache_dataset(
+            pipe,
+            setup.data,
+            resolution=setup.resolution,
+            buckets=setup.buckets,
+            max_sequence_length=length,
+            extra_prompts=prompts,
+        )
         print(f"training data: {report.summary()}")
         data.save(cache_path, extra, key)
     else:
@@ -67,11 +78,19 @@ def finetune(setup: FinetuneSetup, config: TrainConfig) -> TrainResult:
         steps = setup.validation_steps or pipe.family.default_steps
 
         def validate(step: int) -> None:
-            image = pipe(prompt_embeds=extra[setup.validation_prompt].to(pipe.device), height=setup.resolution,
-                         width=setup.resolution, num_inference_steps=steps, seed=config.seed,
-                         show_progress=False).images[0]
-            save_png(image, output / "validation" / f"step-{step:07d}.png",
-                     {"prompt": setup.validation_prompt, "step": step, "seed": config.seed, "model": setup.model})
+            image = pipe(
+                prompt_embeds=extra[setup.validation_prompt].to(pipe.device),
+                height=setup.resolution,
+                width=setup.resolution,
+                num_inference_steps=steps,
+                seed=config.seed,
+                show_progress=False,
+            ).images[0]
+            save_png(
+                image,
+                output / "validation" / f"step-{step:07d}.png",
+                {"prompt": setup.validation_prompt, "step": step, "seed": config.seed, "model": setup.model},
+            )
 
     config = replace(config, base_model=config.base_model or setup.model)
     return train(pipe.transformer, data, config, output, validate=validate)

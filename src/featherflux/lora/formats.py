@@ -159,8 +159,11 @@ def native_to_diffusers(config: DiTConfig) -> dict[str, list[tuple[str, tuple[in
         if m is None:
             out[name] = [(k, None) for k, v in GLOBAL_MAP.items() if v == name]
         elif m.group(1) == "single_blocks":
-            out[name] = [(f"single_transformer_blocks.{m.group(2)}.{k}", None)
-                         for k, v in SINGLE_BLOCK_MAP.items() if v == m.group(3)]
+            out[name] = [
+                (f"single_transformer_blocks.{m.group(2)}.{k}", None)
+                for k, v in SINGLE_BLOCK_MAP.items()
+                if v == m.group(3)
+            ]
         else:
             split = [(k, c) for k, (v, c) in DOUBLE_BLOCK_MAP.items() if v == m.group(3) and c is not None]
             whole = [(k, c) for k, (v, c) in DOUBLE_BLOCK_MAP.items() if v == m.group(3) and c is None]
@@ -181,17 +184,20 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if not path.is_file():
         raise WeightsError(f"LoRA file not found: {path}")
     if path.suffix != ".safetensors":
-        raise WeightsError(f"{path}: only .safetensors LoRA files are loaded (pickled .ckpt/.pt/.bin are unsafe); "
-                           "convert it to safetensors first")
+        raise WeightsError(
+            f"{path}: only .safetensors LoRA files are loaded (pickled .ckpt/.pt/.bin are unsafe); "
+            "convert it to safetensors first"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises several error types for a corrupt header
+    except Exception as e:  # noqa: BLE001  (safetensors raises several error types for a corrupt header)
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def convert_lora(state_dict: dict[str, torch.Tensor], config: DiTConfig,
-                 metadata: dict[str, str] | None = None) -> list[LoRAPart | LoKrPart]:
+def convert_lora(
+    state_dict: dict[str, torch.Tensor], config: DiTConfig, metadata: dict[str, str] | None = None
+) -> list[LoRAPart | LoKrPart]:
     """Parts on native modules for every module in the file; raises WeightsError rather than dropping a key."""
     if not state_dict:
         raise WeightsError("the LoRA file has no tensors")
@@ -211,8 +217,10 @@ def convert_lora(state_dict: dict[str, torch.Tensor], config: DiTConfig,
         naming, module, suffix = parsed
         groups.setdefault((naming, module), {})[suffix] = (key, tensor)
     if unknown:
-        raise WeightsError(f"not a FLUX.2 LoRA: {len(unknown)} keys name no FLUX.2 Linear layer, e.g. "
-                           f"{_first(unknown)} (a LoRA for another model family, such as FLUX.1, cannot be used)")
+        raise WeightsError(
+            f"not a FLUX.2 LoRA: {len(unknown)} keys name no FLUX.2 Linear layer, e.g. "
+            f"{_first(unknown)} (a LoRA for another model family, such as FLUX.1, cannot be used)"
+        )
 
     alpha_for = _peft_alphas(metadata)
     parts, wrong = [], []
@@ -236,8 +244,11 @@ def convert_lora(state_dict: dict[str, torch.Tensor], config: DiTConfig,
             continue
         parts.append(part)
     if wrong:
-        raise WeightsError(f"LoRA does not fit this {config.hidden_size}-wide FLUX.2 model ({len(wrong)} layers): "
-                           + "; ".join(wrong[:3]) + " (was it made for another model family?)")
+        raise WeightsError(
+            f"LoRA does not fit this {config.hidden_size}-wide FLUX.2 model ({len(wrong)} layers): "
+            + "; ".join(wrong[:3])
+            + " (was it made for another model family?)"
+        )
     return parts
 
 
@@ -250,10 +261,14 @@ def _underscore_names(config: DiTConfig) -> dict[str, tuple[str, str]]:
 
     Built for a deep model with every optional layer so that a LoRA for a bigger sibling is reported as mis-fitting
     rather than as not-FLUX.2."""
-    config = replace(config, depth=max(config.depth, 64), depth_single_blocks=max(config.depth_single_blocks, 128),
-                     guidance_embed=True)
+    config = replace(
+        config,
+        depth=max(config.depth, 64),
+        depth_single_blocks=max(config.depth_single_blocks, 128),
+        guidance_embed=True,
+    )
     names = {n.replace(".", "_"): ("native", n) for n in native_linear_shapes(config)}
-    for native, targets in native_to_diffusers(config).items():
+    for targets in native_to_diffusers(config).values():
         for diffusers, _ in targets:
             names[diffusers.replace(".", "_")] = ("diffusers", diffusers)
     for i in range(config.depth):  # diffusers' fused projections only exist as LoKr targets
@@ -270,11 +285,11 @@ def _parse_key(key: str, underscore: dict[str, tuple[str, str]]) -> tuple[str, s
     body = key[: -len(suffix) - 1]
     for prefix in ("lora_unet_", "lycoris_", "lora_transformer_"):
         if body.startswith(prefix):
-            found = underscore.get(body[len(prefix):])
+            found = underscore.get(body[len(prefix) :])
             return (*found, suffix) if found else None
     for prefix in ("transformer.", "diffusion_model.", "base_model.model.", "model.diffusion_model."):
         if body.startswith(prefix):
-            body = body[len(prefix):]
+            body = body[len(prefix) :]
             break
     if diffusers_to_native(body) is not None:
         return "diffusers", body, suffix
@@ -320,12 +335,14 @@ def _make_part(native, chunk, entries, peft_scale) -> LoRAPart | LoKrPart:
         return _make_lokr_part(native, chunk, tensors, alpha, source)
     kinds = {LORA_SUFFIXES[s]: t for s, t in tensors.items()}
     if set(kinds) != {"down", "up"} or len(kinds) != len(tensors):
-        raise WeightsError(f"incomplete LoRA pair for {source}: has {sorted(tensors)}, needs lora_A/lora_down and "
-                           "lora_B/lora_up")
+        raise WeightsError(
+            f"incomplete LoRA pair for {source}: has {sorted(tensors)}, needs lora_A/lora_down and lora_B/lora_up"
+        )
     down, up = kinds["down"], kinds["up"]
     if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-        raise WeightsError(f"{source}: LoRA shapes {tuple(down.shape)} and {tuple(up.shape)} do not form a "
-                           "low-rank pair")
+        raise WeightsError(
+            f"{source}: LoRA shapes {tuple(down.shape)} and {tuple(up.shape)} do not form a low-rank pair"
+        )
     rank = down.shape[0]
     scale = peft_scale if peft_scale is not None else (alpha / rank if alpha is not None else 1.0)
     return LoRAPart(native, down, up, scale, chunk, source)
@@ -350,8 +367,9 @@ def _make_lokr_part(native, chunk, tensors, alpha, source) -> LoKrPart:
 
 def _swap_halves(part):
     if isinstance(part, LoRAPart):
-        return LoRAPart(part.module, part.down, part.up.roll(part.up.shape[0] // 2, 0), part.scale, part.chunk,
-                        part.source)
+        return LoRAPart(
+            part.module, part.down, part.up.roll(part.up.shape[0] // 2, 0), part.scale, part.chunk, part.source
+        )
     w1 = part.w1 if isinstance(part.w1, torch.Tensor) else part.w1[0] @ part.w1[1]
     if w1.shape[0] % 2:
         raise WeightsError(f"{part.source}: cannot reorder a LoKr on norm_out whose left factor has odd rows")
@@ -361,8 +379,9 @@ def _swap_halves(part):
 # --- writing ------------------------------------------------------------------------------------------------------
 
 
-def to_diffusers_state_dict(loras: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DiTConfig,
-                            rank: int, alpha: float) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def to_diffusers_state_dict(
+    loras: dict[str, tuple[torch.Tensor, torch.Tensor]], config: DiTConfig, rank: int, alpha: float
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Native {module: (down, up)} -> diffusers/PEFT keys + metadata; fused qkv splits exactly (down shared)."""
     targets = native_to_diffusers(config)
     out, names = {}, []
@@ -374,15 +393,22 @@ def to_diffusers_state_dict(loras: dict[str, tuple[torch.Tensor, torch.Tensor]],
             out[f"transformer.{module}.lora_A.weight"] = down.clone()
             out[f"transformer.{module}.lora_B.weight"] = part_up.contiguous()
             names.append(module)
-    meta = {"transformer.r": rank, "transformer.lora_alpha": alpha, "transformer.target_modules": sorted(names),
-            "transformer.rank_pattern": {}, "transformer.alpha_pattern": {}, "transformer.init_lora_weights": True,
-            "transformer.lora_dropout": 0.0, "transformer.use_dora": False, "transformer.use_rslora": False,
-            "transformer.lora_bias": False}
+    meta = {
+        "transformer.r": rank,
+        "transformer.lora_alpha": alpha,
+        "transformer.target_modules": sorted(names),
+        "transformer.rank_pattern": {},
+        "transformer.alpha_pattern": {},
+        "transformer.init_lora_weights": True,
+        "transformer.lora_dropout": 0.0,
+        "transformer.use_dora": False,
+        "transformer.use_rslora": False,
+        "transformer.lora_bias": False,
+    }
     return out, {"format": "pt", "lora_adapter_metadata": json.dumps(meta, indent=2, sort_keys=True)}
 
 
-def to_bfl_state_dict(loras: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                      scale: float) -> dict[str, torch.Tensor]:
+def to_bfl_state_dict(loras: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> dict[str, torch.Tensor]:
     """Native {module: (down, up)} -> `diffusion_model.` keys with alpha/rank baked into lora_B, so every reader
     (ComfyUI, ai-toolkit, diffusers) applies it at scale 1 without needing an `.alpha` key."""
     out = {}

@@ -18,8 +18,13 @@ from featherflux.lora.formats import LoKrPart, LoRAPart, convert_lora, read_lora
 from featherflux.lora.layers import KroneckerPart, LoKrAdapter, LoRAAdapter, LoRALinear
 
 
-def load_lora(model: nn.Module, path_or_state_dict: str | Path | dict[str, torch.Tensor], name: str | None = None,
-              scale: float = 1.0, metadata: dict[str, str] | None = None) -> str:
+def load_lora(
+    model: nn.Module,
+    path_or_state_dict: str | Path | dict[str, torch.Tensor],
+    name: str | None = None,
+    scale: float = 1.0,
+    metadata: dict[str, str] | None = None,
+) -> str:
     """Add the adapter(s) in a LoRA file to `model` under `name` (default: the file name); returns the name."""
     if isinstance(path_or_state_dict, dict):
         state_dict = path_or_state_dict
@@ -41,8 +46,10 @@ def load_lora(model: nn.Module, path_or_state_dict: str | Path | dict[str, torch
         base = _resolve(model, module_name)
         target = base.base if isinstance(base, LoRALinear) else base
         if (target.out_features, target.in_features) != _full_shape(module_parts, target):
-            raise WeightsError(f"LoRA key {module_parts[0].source} does not fit {module_name} "
-                               f"({target.out_features}x{target.in_features})")
+            raise WeightsError(
+                f"LoRA key {module_parts[0].source} does not fit {module_name} "
+                f"({target.out_features}x{target.in_features})"
+            )
         adapters[module_name] = _build_adapter(module_parts, target.out_features, _float_dtype(model), _device(target))
     for module_name, adapter in adapters.items():  # attach only after everything converted: never a partial load
         wrapped = _resolve(model, module_name)
@@ -177,7 +184,7 @@ def _build_adapter(parts: list, out_features: int, dtype: torch.dtype, device: t
     for p in parts:
         rows = _rows(p.chunk, out_features)
         block = p.up if same_scale else p.up.float() * p.scale
-        up[rows, col: col + p.down.shape[0]] += block.to(device, dtype)
+        up[rows, col : col + p.down.shape[0]] += block.to(device, dtype)
         col += p.down.shape[0]
     return LoRAAdapter(down, up, parts[0].scale if same_scale else 1.0)
 

@@ -40,8 +40,18 @@ from featherflux.sampling import compute_empirical_mu, image_ids, pack, text_ids
 
 TRAIN_ADAPTER = "trained"
 # the attention and MLP projections of every block, as diffusers' FLUX.2 scripts train by default
-DEFAULT_TARGETS = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
-                   "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
+DEFAULT_TARGETS = (
+    "img_attn.qkv",
+    "txt_attn.qkv",
+    "img_attn.proj",
+    "txt_attn.proj",
+    "img_mlp.0",
+    "img_mlp.2",
+    "txt_mlp.0",
+    "txt_mlp.2",
+    "linear1",
+    "linear2",
+)
 
 
 @dataclass
@@ -116,8 +126,12 @@ class CachedDataset:
             if meta.get("key") != key:
                 return None
             n = sum(1 for k in f.keys() if k.startswith("latents."))
-            data = cls([f.get_tensor(f"latents.{i}") for i in range(n)], [f.get_tensor(f"embeds.{i}") for i in range(n)],
-                       f.get_tensor("empty_embed"), json.loads(meta["names"]))
+            data = cls(
+                [f.get_tensor(f"latents.{i}") for i in range(n)],
+                [f.get_tensor(f"embeds.{i}") for i in range(n)],
+                f.get_tensor("empty_embed"),
+                json.loads(meta["names"]),
+            )
             extra = {p: f.get_tensor(f"extra.{i}") for i, p in enumerate(json.loads(meta["extra"]))}
         return data, extra
 
@@ -132,9 +146,14 @@ class TrainResult:
 def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...], seed: int = 0) -> int:
     """Wrap every Linear whose name ends with a target in a LoRALinear with a fresh fp32 adapter; returns the count."""
     g = torch.Generator().manual_seed(seed)
-    chosen = [(n, m) for n, m in model.named_modules()
-              if hasattr(m, "in_features") and not isinstance(m, LoRALinear) and n.endswith(targets)
-              and not n.endswith(".base")]
+    chosen = [
+        (n, m)
+        for n, m in model.named_modules()
+        if hasattr(m, "in_features")
+        and not isinstance(m, LoRALinear)
+        and n.endswith(targets)
+        and not n.endswith(".base")
+    ]
     if not chosen:
         raise UserError(f"no layer matches the LoRA targets {', '.join(targets)}")
     for name, linear in chosen:
@@ -142,8 +161,9 @@ def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: tuple
         down = torch.randn(rank, linear.in_features, generator=g) / rank  # diffusers' "gaussian" init
         up = torch.zeros(linear.out_features, rank)
         wrapped = LoRALinear(linear)
-        wrapped.add_adapter(TRAIN_ADAPTER, LoRAAdapter(down.to(device.device), up.to(device.device), alpha / rank,
-                                                       trainable=True))
+        wrapped.add_adapter(
+            TRAIN_ADAPTER, LoRAAdapter(down.to(device.device), up.to(device.device), alpha / rank, trainable=True)
+        )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, wrapped)
     return len(chosen)
@@ -151,16 +171,23 @@ def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: tuple
 
 def trainable_lora_pairs(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     """native module name -> (down, up) of the adapter being trained."""
-    return {name.removesuffix(".base"): (m.adapter(TRAIN_ADAPTER).down.detach(), m.adapter(TRAIN_ADAPTER).up.detach())
-            for name, m in model.named_modules() if isinstance(m, LoRALinear) and TRAIN_ADAPTER in m.names}
+    return {
+        name.removesuffix(".base"): (m.adapter(TRAIN_ADAPTER).down.detach(), m.adapter(TRAIN_ADAPTER).up.detach())
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear) and TRAIN_ADAPTER in m.names
+    }
 
 
 def save_lora(model: nn.Module, output: Path, config: TrainConfig, step: int) -> list[Path]:
     """The trained adapter as diffusers/PEFT (`diffusers/pytorch_lora_weights.safetensors`, loads with
     `load_lora_weights`) and BFL/ComfyUI (`lora.safetensors`), both with rank/alpha/base model/steps metadata."""
     pairs = {k: (d.float().cpu(), u.float().cpu()) for k, (d, u) in trainable_lora_pairs(model).items()}
-    info = {"featherflux.rank": str(config.rank), "featherflux.alpha": str(config.alpha),
-            "featherflux.base_model": config.base_model, "featherflux.steps": str(step)}
+    info = {
+        "featherflux.rank": str(config.rank),
+        "featherflux.alpha": str(config.alpha),
+        "featherflux.base_model": config.base_model,
+        "featherflux.steps": str(step),
+    }
     diffusers_sd, meta = to_diffusers_state_dict(pairs, model.config, config.rank, config.alpha)
     diffusers_path = output / "diffusers" / "pytorch_lora_weights.safetensors"
     diffusers_path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,12 +223,13 @@ def epoch_batches(data: CachedDataset, batch_size: int, seed: int, epoch: int) -
     buckets: dict[tuple, list[int]] = {}
     for i in torch.randperm(len(data), generator=g).tolist():
         buckets.setdefault(tuple(data.latents[i].shape), []).append(i)
-    batches = [idx[j: j + batch_size] for idx in buckets.values() for j in range(0, len(idx), batch_size)]
+    batches = [idx[j : j + batch_size] for idx in buckets.values() for j in range(0, len(idx), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-def flow_matching_loss(model: nn.Module, latents: Tensor, embeds: Tensor, sigmas: Tensor, noise: Tensor,
-                       guidance: float) -> Tensor:
+def flow_matching_loss(
+    model: nn.Module, latents: Tensor, embeds: Tensor, sigmas: Tensor, noise: Tensor, guidance: float
+) -> Tensor:
     """latents/noise (B, C, h, w), embeds (B, L, ctx), sigmas (B,) -> MSE between predicted and true velocity."""
     b, _, h, w = latents.shape
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -247,9 +275,16 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def train(model: nn.Module, data: CachedDataset, config: TrainConfig, output: str | Path, *,
-          validate: Callable[[int], None] | None = None, resume: bool = True,
-          stop_after: int | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    data: CachedDataset,
+    config: TrainConfig,
+    output: str | Path,
+    *,
+    validate: Callable[[int], None] | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
     """Fine-tune `model` (a native Flux2, possibly quantized) on cached data; writes checkpoints, a CSV log and the
     final LoRA (or, with mode="full", the whole transformer in diffusers layout in `output/transformer`). With `resume`, continues from the
     newest checkpoint there. `stop_after` ends the run early at that step (to test resume)."""
@@ -261,8 +296,12 @@ def train(model: nn.Module, data: CachedDataset, config: TrainConfig, output: st
         if not any(isinstance(m, LoRALinear) and TRAIN_ADAPTER in m.names for m in model.modules()):
             add_trainable_lora(model, config.rank, config.alpha, config.targets, config.seed)
         model.requires_grad_(False)
-        named = {f"{n}.{k}": p for n, m in model.named_modules() if isinstance(m, LoRAAdapter)
-                 for k, p in (("down", m.down), ("up", m.up))}
+        named = {
+            f"{n}.{k}": p
+            for n, m in model.named_modules()
+            if isinstance(m, LoRAAdapter)
+            for k, p in (("down", m.down), ("up", m.up))
+        }
     else:
         named = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
         if any(hasattr(m, "in_features") and not isinstance(m, (nn.Linear, LoRALinear)) for m in model.modules()):
@@ -364,10 +403,17 @@ def _save_checkpoint(output, step, epoch, batch_index, named, optimizer, noise_g
     tmp.mkdir(parents=True)
     _save_tensors(tmp / "trainable.safetensors", named)
     opt_tensors, opt_meta = _flatten_optimizer(optimizer, list(named))
-    _save_tensors(tmp / "optimizer.safetensors", opt_tensors | {"rng.noise": noise_gen.get_state(),
-                                                                   "rng.torch": torch.get_rng_state()})
-    state = {"step": step, "epoch": epoch, "batch_index": batch_index, "optimizer": opt_meta,
-             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}}
+    _save_tensors(
+        tmp / "optimizer.safetensors",
+        opt_tensors | {"rng.noise": noise_gen.get_state(), "rng.torch": torch.get_rng_state()},
+    )
+    state = {
+        "step": step,
+        "epoch": epoch,
+        "batch_index": batch_index,
+        "optimizer": opt_meta,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+    }
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -421,8 +467,10 @@ def _load_checkpoint(path: Path, named, optimizer, noise_gen, config) -> tuple[i
     saved = state["config"]
     for key in ("mode", "rank", "batch_size", "seed"):
         if saved.get(key) != getattr(config, key):
-            raise UserError(f"{path} was made with {key}={saved.get(key)!r}, not {getattr(config, key)!r}; use another "
-                            "--output folder or the same settings")
+            raise UserError(
+                f"{path} was made with {key}={saved.get(key)!r}, not {getattr(config, key)!r}; use another "
+                "--output folder or the same settings"
+            )
     trainable = load_file(path / "trainable.safetensors")
     if set(trainable) != set(named):
         raise UserError(f"{path} does not hold this run's trainable tensors; use another --output folder")
