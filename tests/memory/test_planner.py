@@ -148,6 +148,14 @@ def test_cli_json(capsys):
     assert json.loads(capsys.readouterr().out)["fits"] is False
 
 
+def test_true_cfg_families_cost_two_dit_passes():
+    from dataclasses import replace
+
+    distilled = plan("klein-4b", 24, 64, offload=None, quantize=None)
+    base = plan(replace(FAMILIES["klein-4b"], guidance_distilled=False), 24, 64, offload=None, quantize=None)
+    assert base.seconds_per_step == pytest.approx(2 * distilled.seconds_per_step, rel=0.05)
+
+
 def test_hardware_speed_knobs_change_the_choice():
     slow_link = Hardware(8 * GiB, 128 * GiB, h2d_gbps=6.0)  # PCIe 3.0 x8: copies no longer hide behind compute
     assert plan("flux.2-dev", hardware=slow_link).quantize == "nf4"

@@ -194,6 +194,10 @@ def resolve_family(model: str | os.PathLike | FamilyConfig) -> tuple[FamilyConfi
     for name in FAMILIES:
         if key in (name, name.removeprefix("flux.2-")):
             return FAMILIES[name], None
+    if text.count("/") == 1:  # another hub id: plan from its config if it is in the local cache
+        from featherflux.loading import resolve_model_path
+
+        return resolve_family(resolve_model_path(text)[0])
     raise UserError(f"{text!r} is neither an existing path nor a known model; known families: {', '.join(FAMILIES)}")
 
 
@@ -239,13 +243,14 @@ class _Sizes:
 
 def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, width: int, batch: int) -> _Sizes:
     img_tokens = (height // 16) * (width // 16)
+    dit_batch = batch if family.guidance_distilled else 2 * batch  # true CFG runs the DiT on the empty prompt too
     txt = family.text_encoder.max_length
     dw = sizes.dit_weights(family.dit)
     te = sizes.text_encoder_weights(family.text_encoder)
     te_layer = sizes.text_encoder_layer_weights(family.text_encoder)
     flops = hw.tflops * 1e12
     dequant = (dw.total.linear * 4 / (hw.hbm_gbps * 1e9)) if quant else 0.0
-    dit_flops = sizes.dit_step_flops(family.dit, img_tokens, txt, batch)
+    dit_flops = sizes.dit_step_flops(family.dit, img_tokens, txt, dit_batch)
     if quant == "fp8" and hw.fp8_matmul:
         dit_flops /= 2  # fp8 tensor cores run twice the bf16 rate
     d, m = family.dit.hidden_size, family.dit.mlp_hidden_dim
@@ -259,7 +264,7 @@ def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, w
         te_layer=te_layer.nbytes(te_quant),
         te_other=te.nbytes(te_quant) - family.text_encoder.layers_needed * te_layer.nbytes(te_quant),
         ae=sizes.autoencoder_weights(family.autoencoder).nbytes(),
-        act_dit=sizes.dit_activation_bytes(family.dit, img_tokens, txt, batch),
+        act_dit=sizes.dit_activation_bytes(family.dit, img_tokens, txt, dit_batch),
         act_te=sizes.text_encoder_activation_bytes(family.text_encoder, txt, batch),
         act_ae=sizes.autoencoder_activation_bytes(family.autoencoder, height, width, batch),
         dit_compute_s=dit_flops / flops + dequant,
