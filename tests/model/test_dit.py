@@ -43,7 +43,10 @@ def test_matches_diffusers_bf16(kwargs):
     args = inputs(reference, dtype=torch.bfloat16, guidance=kwargs["guidance_embeds"])
     with torch.no_grad():
         out = model(**args)
-    assert_close(out, run_diffusers(reference, **args), rel=1e-2)
+    expected = run_diffusers(reference, **args)
+    # a few bf16 ulps at the largest value: we fuse multiply-adds (one rounding where diffusers has two)
+    assert_close(out, expected, rel=2e-2)
+    assert (out.float() - expected.float()).abs().mean() <= 2e-3 * expected.float().abs().max()
 
 
 def test_reference_tokens_on_the_time_axis_and_shared_2d_ids():

@@ -31,7 +31,8 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     """Rotate (B, H, S, D) queries or keys by pe (B, 1, S, D/2, 2)."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = pe.unbind(-1)
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).type_as(x)
+    rotated = [torch.addcmul(x0 * cos, x1, sin, value=-1), torch.addcmul(x1 * cos, x0, sin)]
+    return torch.stack(rotated, dim=-1).flatten(-2).type_as(x)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
