@@ -23,6 +23,7 @@ import httpx
 import torch
 import uvicorn
 
+from featherflux.errors import UserError
 from featherflux.pipeline import load_pipeline
 from featherflux.serve.api import create_app
 
@@ -33,7 +34,7 @@ def model_path(arg: str | None, scratch: Path) -> str:
     try:
         load_pipeline("demo")
         return "demo"
-    except Exception:
+    except UserError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.tiny import tiny_pipeline_dir
 
@@ -86,8 +87,10 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="serve-load-"))
     pipe = load_pipeline(model_path(args.model, scratch))
     body = {"size": f"{args.size}x{args.size}", "steps": args.steps, "n": 1}
-    print(f"model {pipe.model_id} ({pipe.family.name}), {args.size}x{args.size}, {args.steps} steps, "
-          f"{args.requests} requests per row, torch threads {torch.get_num_threads()}")
+    print(
+        f"model {pipe.model_id} ({pipe.family.name}), {args.size}x{args.size}, {args.steps} steps, "
+        f"{args.requests} requests per row, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'batching':>9} {'clients':>7} {'images/s':>9} {'p50 s':>7} {'p95 s':>7} {'calls':>6}")
     rows = {}
     for max_batch in (4, 1):
@@ -102,8 +105,11 @@ def main() -> None:
             calls = (queue.metrics.step_count - steps_before) // args.steps
             q = statistics.quantiles(latencies, n=20, method="inclusive")
             rows[max_batch, clients] = len(latencies) / wall
-            print(f"{'on' if max_batch > 1 else 'off':>9} {clients:>7} {len(latencies) / wall:>9.2f} "
-                  f"{statistics.median(latencies):>7.3f} {q[18]:>7.3f} {calls:>6}", flush=True)
+            print(
+                f"{'on' if max_batch > 1 else 'off':>9} {clients:>7} {len(latencies) / wall:>9.2f} "
+                f"{statistics.median(latencies):>7.3f} {q[18]:>7.3f} {calls:>6}",
+                flush=True,
+            )
         server.should_exit = True
         time.sleep(0.5)
     for clients in (int(c) for c in args.clients.split(",")):

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 import uvicorn
 from PIL import Image
@@ -22,24 +23,41 @@ class FakePipeline:
 
     step_seconds: float = 0.0
     fail_on: str | None = None  # a prompt containing this raises, to test failure isolation
+    gate: threading.Event | None = None  # when set up, a call waits for it before its first step
     calls: list[dict] = field(default_factory=list)
 
-    def __call__(self, *, prompt, height, width, num_inference_steps, guidance_scale, generator,
-                 num_images_per_prompt=1, output_type="pil", callback_on_step_end=None, image=None,
-                 show_progress=True):
+    def __call__(
+        self,
+        *,
+        prompt,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        generator,
+        num_images_per_prompt=1,
+        output_type="pil",
+        callback_on_step_end=None,
+        image=None,
+        show_progress=True,
+    ):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         generators = generator if isinstance(generator, list) else [generator]
         assert len(generators) == len(prompts) * num_images_per_prompt
-        self.calls.append({"prompts": prompts, "size": (width, height), "steps": num_inference_steps,
-                           "references": len(image or [])})
+        self.calls.append(
+            {"prompts": prompts, "size": (width, height), "steps": num_inference_steps, "references": len(image or [])}
+        )
         if self.fail_on and any(self.fail_on in p for p in prompts):
             raise RuntimeError("fake failure")
+        if self.gate is not None:
+            self.gate.wait(10)
         for step in range(num_inference_steps):
             time.sleep(self.step_seconds)
             if callback_on_step_end is not None:
                 callback_on_step_end(self, step, 1.0 - step / num_inference_steps, {})
-        images = [Image.new("RGB", (width, height), seed_colour(g.initial_seed(), p))
-                  for p, g in zip(prompts, generators)]
+        images = [
+            Image.new("RGB", (width, height), seed_colour(g.initial_seed(), p)) for p, g in zip(prompts, generators)
+        ]
         return type("Output", (), {"images": images})()
 
 
@@ -56,11 +74,12 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> LiveServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -85,5 +104,7 @@ if __name__ == "__main__":  # a server over the fake pipeline in its own process
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--step-seconds", type=float, default=0.05)
     args = parser.parse_args()
-    run_server(create_app(FakePipeline(step_seconds=args.step_seconds), output_dir=args.output_dir, max_batch=1),
-               port=args.port)
+    run_server(
+        create_app(FakePipeline(step_seconds=args.step_seconds), output_dir=args.output_dir, max_batch=1),
+        port=args.port,
+    )

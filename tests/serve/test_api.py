@@ -5,6 +5,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -34,8 +35,9 @@ def client(server, key="unused") -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pipe = FakePipeline()
-    app = create_app(pipe, output_dir=tmp_path_factory.mktemp("out"),
-                     limits=Limits(max_n=4, max_steps=50, max_upload_bytes=200_000))
+    app = create_app(
+        pipe, output_dir=tmp_path_factory.mktemp("out"), limits=Limits(max_n=4, max_steps=50, max_upload_bytes=200_000)
+    )
     with LiveServer(app) as live:
         live.pipe = pipe
         yield live
@@ -45,7 +47,9 @@ def test_openai_client_generates_b64_and_url(server):
     c = client(server)
     result = c.images.generate(prompt="a red fox", n=2, size="64x64", extra_body={"seed": 11, "steps": 3})
     assert [colour(base64.b64decode(d.b64_json)) for d in result.data] == [
-        seed_colour(11, "a red fox"), seed_colour(12, "a red fox")]
+        seed_colour(11, "a red fox"),
+        seed_colour(12, "a red fox"),
+    ]
     result = c.images.generate(prompt="a red fox", size="80x64", response_format="url", extra_body={"seed": 11})
     (image,) = result.data
     data = httpx.get(image.url).content
@@ -58,26 +62,36 @@ def test_openai_client_generates_b64_and_url(server):
 def test_openai_client_edit_sends_one_or_many_references(server):
     c = client(server)
     before = len(server.pipe.calls)
-    one = c.images.edit(image=("ref.png", png_bytes(), "image/png"), prompt="make it green", size="64x64",
-                        extra_body={"seed": 3, "steps": 2})
-    many = c.images.edit(image=[("a.png", png_bytes(), "image/png"), ("b.png", png_bytes((96, 64)), "image/png")],
-                         prompt="combine", extra_body={"seed": 4, "steps": 2})
+    one = c.images.edit(
+        image=("ref.png", png_bytes(), "image/png"),
+        prompt="make it green",
+        size="64x64",
+        extra_body={"seed": 3, "steps": 2},
+    )
+    many = c.images.edit(
+        image=[("a.png", png_bytes(), "image/png"), ("b.png", png_bytes((96, 64)), "image/png")],
+        prompt="combine",
+        extra_body={"seed": 4, "steps": 2},
+    )
     assert colour(base64.b64decode(one.data[0].b64_json)) == seed_colour(3, "make it green")
     assert [c["references"] for c in server.pipe.calls[before:]] == [1, 2]
     assert many.size == "64x64"  # no size given: the first reference's size
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "size": "100x100"}, "size"),
-    ({"prompt": "x", "size": "big"}, "size"),
-    ({"prompt": "x", "size": "64x64", "n": 9}, "n"),
-    ({"prompt": "x", "size": "64x64", "steps": 0}, "steps"),
-    ({"prompt": "x", "size": "64x64", "steps": 500}, "steps"),
-    ({"prompt": "x", "size": "64x64", "loras": ["nope"]}, "loras"),
-    ({"prompt": "", "size": "64x64"}, "prompt"),
-    ({"size": "64x64"}, "prompt"),
-    ({"prompt": "x", "n": "many"}, "n"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "x", "size": "100x100"}, "size"),
+        ({"prompt": "x", "size": "big"}, "size"),
+        ({"prompt": "x", "size": "64x64", "n": 9}, "n"),
+        ({"prompt": "x", "size": "64x64", "steps": 0}, "steps"),
+        ({"prompt": "x", "size": "64x64", "steps": 500}, "steps"),
+        ({"prompt": "x", "size": "64x64", "loras": ["nope"]}, "loras"),
+        ({"prompt": "", "size": "64x64"}, "prompt"),
+        ({"size": "64x64"}, "prompt"),
+        ({"prompt": "x", "n": "many"}, "n"),
+    ],
+)
 def test_bad_json_requests_get_a_4xx_naming_the_field(server, body, param):
     response = httpx.post(server.url + "/v1/images/generations", json=body)
     assert response.status_code == 400
@@ -91,7 +105,9 @@ def test_bad_uploads_get_a_4xx(server):
     too_big = httpx.post(url, data={"prompt": "x"}, files={"image": ("a.png", b"\0" * 300_000, "image/png")})
     too_small = httpx.post(url, data={"prompt": "x"}, files={"image": ("a.png", png_bytes((32, 32)), "image/png")})
     no_image = httpx.post(url, data={"prompt": "x"}, files={"other": ("a.txt", b"hi", "text/plain")})
-    not_json = httpx.post(server.url + "/v1/images/generations", content=b"{oops", headers={"content-type": "application/json"})
+    not_json = httpx.post(
+        server.url + "/v1/images/generations", content=b"{oops", headers={"content-type": "application/json"}
+    )
     assert (not_image.status_code, not_image.json()["error"]["code"]) == (400, "invalid_image")
     assert (too_big.status_code, too_big.json()["error"]["code"]) == (413, "upload_too_large")
     assert too_small.status_code == 400 and ">= 64 px" in too_small.json()["error"]["message"]
@@ -102,11 +118,20 @@ def test_bad_uploads_get_a_4xx(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/files/../queue.jsonl", "/v1/files/..%2fqueue.jsonl", "/v1/files/%2e%2e%2fqueue.jsonl",
-    "/v1/files/%2fetc%2fpasswd", "/v1/files/..%5c..%5cqueue.jsonl", "/v1/files/uploads%2f" + "0" * 32 + ".png",
-    "/v1/files/" + "0" * 32 + "-0.png", "/v1/files/queue.jsonl", "/v1/files/.queue.jsonl",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/files/../queue.jsonl",
+        "/v1/files/..%2fqueue.jsonl",
+        "/v1/files/%2e%2e%2fqueue.jsonl",
+        "/v1/files/%2fetc%2fpasswd",
+        "/v1/files/..%5c..%5cqueue.jsonl",
+        "/v1/files/uploads%2f" + "0" * 32 + ".png",
+        "/v1/files/" + "0" * 32 + "-0.png",
+        "/v1/files/queue.jsonl",
+        "/v1/files/.queue.jsonl",
+    ],
+)
 def test_files_serves_generated_names_only(server, path):
     response = httpx.get(server.url + path)
     assert response.status_code == 404
@@ -114,17 +139,20 @@ def test_files_serves_generated_names_only(server, path):
 
 
 def test_jobs_api_and_event_stream(server):
-    server.pipe.step_seconds = 0.05  # slow enough that the stream opens before the job ends
+    server.pipe.gate = threading.Event()  # the job waits until the stream is open
     job = httpx.post(server.url + "/v1/jobs", json={"prompt": "stream me", "size": "64x64", "steps": 4, "seed": 9})
     assert job.status_code == 202
     job_id = job.json()["id"]
     events = []
     with httpx.stream("GET", f"{server.url}/v1/jobs/{job_id}/events", timeout=10) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
+        lines = response.iter_lines()
+        assert next(lines) in ("event: queued", "event: running")
+        server.pipe.gate.set()
+        for line in lines:
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
-    server.pipe.step_seconds = 0.0
+    server.pipe.gate = None
     assert events[-1]["event"] == "done" and events[-1]["state"] == "succeeded"
     steps = [e["step"] for e in events if e["event"] == "progress"]
     assert steps == sorted(steps) and steps[-1] == 4
@@ -187,30 +215,26 @@ def test_api_keys_and_rate_limit(tmp_path):
         assert int(limited.headers["retry-after"]) >= 1
         # bob has his own bucket, and cannot see alice's job
         assert httpx.get(f"{live.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {bob}"}).status_code == 404
-        assert httpx.get(f"{live.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {alice}"}).status_code == 200
+        assert (
+            httpx.get(f"{live.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {alice}"}).status_code == 200
+        )
 
 
 def test_sixteen_concurrent_clients_each_get_their_own_picture(tmp_path):
     pipe = FakePipeline(step_seconds=0.005)
     app = create_app(pipe, output_dir=tmp_path, max_batch=4)
-    results, errors = {}, []
     with LiveServer(app) as live:
-        def one(i):
-            try:
-                r = client(live).images.generate(prompt=f"client {i}", size="64x64",
-                                                 extra_body={"seed": 1000 + i, "steps": 3})
-                results[i] = [colour(base64.b64decode(d.b64_json)) for d in r.data]
-            except Exception as e:  # reported below; a thread cannot fail the test by itself
-                errors.append(e)
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
+        def one(i):
+            r = client(live).images.generate(
+                prompt=f"client {i}", size="64x64", extra_body={"seed": 1000 + i, "steps": 3}
+            )
+            return [colour(base64.b64decode(d.b64_json)) for d in r.data]
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(16)))
         counts = httpx.get(live.url + "/health").json()["jobs"]
-    assert errors == []
-    assert results == {i: [seed_colour(1000 + i, f"client {i}")] for i in range(16)}
+    assert results == [[seed_colour(1000 + i, f"client {i}")] for i in range(16)]
     assert counts["succeeded"] == 16
     assert sum(len(c["prompts"]) for c in pipe.calls) == 16
     assert max(len(c["prompts"]) for c in pipe.calls) > 1  # some requests shared a call

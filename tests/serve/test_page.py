@@ -15,10 +15,19 @@ from tests.serve.fakes import FakePipeline, LiveServer, seed_colour
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None,
-                                reason="no chromium binary; install Debian's `chromium` package to run the page test")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync"]
+pytestmark = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None,
+    reason="no chromium binary; install Debian's `chromium` package to run the page test",
+)
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 def test_page_generates_with_live_progress_and_shows_the_picture(tmp_path):
@@ -35,11 +44,13 @@ def test_page_generates_with_live_progress_and_shows_the_picture(tmp_path):
             page.fill("#height", "64")
             page.fill("#steps", "8")
             page.fill("#seed", "42")
-            page.set_input_files("#references", files=[
-                {"name": "ref.png", "mimeType": "image/png", "buffer": reference.getvalue()}])
+            page.set_input_files(
+                "#references", files=[{"name": "ref.png", "mimeType": "image/png", "buffer": reference.getvalue()}]
+            )
             page.click("#generate")
-            page.wait_for_function("() => { const v = document.getElementById('progress').value;"
-                                   " return v > 0 && v < 1; }", timeout=20_000)
+            page.wait_for_function(
+                "() => { const v = document.getElementById('progress').value; return v > 0 && v < 1; }", timeout=20_000
+            )
             assert page.text_content("#status").startswith("Step ")
             page.wait_for_selector("#gallery figure img", timeout=20_000)
             page.wait_for_function("() => document.querySelector('#gallery img').naturalWidth > 0")

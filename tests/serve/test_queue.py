@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 from featherflux.serve.queue import JobQueue, JobSpec, QueueFull
-
 from tests.serve.fakes import FakePipeline, seed_colour
 
 
@@ -142,7 +141,12 @@ def test_progress_events_per_step(tmp_path):
     assert events[-1]["event"] == "shutdown"  # close() tells listeners the server is going away
     events = events[:-1]
     assert [(e["event"], e["step"]) for e in events] == [
-        ("running", 0), ("progress", 1), ("progress", 2), ("progress", 3), ("done", 3)]
+        ("running", 0),
+        ("progress", 1),
+        ("progress", 2),
+        ("progress", 3),
+        ("done", 3),
+    ]
     assert events[-1]["state"] == "succeeded" and events[-1]["progress"] == 1.0
 
 

@@ -13,8 +13,19 @@ from tests.serve.fakes import free_port, seed_colour
 
 
 def start(output_dir, port):
-    process = subprocess.Popen([sys.executable, "-m", "tests.serve.fakes", "--port", str(port), "--output-dir",
-                                str(output_dir), "--step-seconds", "0.05"])
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.serve.fakes",
+            "--port",
+            str(port),
+            "--output-dir",
+            str(output_dir),
+            "--step-seconds",
+            "0.05",
+        ]
+    )
     deadline = time.monotonic() + 60
     while True:
         assert process.poll() is None, "server exited"
@@ -32,8 +43,12 @@ def test_sigterm_keeps_every_accepted_job_and_a_restart_finishes_them(tmp_path):
     server = start(tmp_path, port)
     try:
         with httpx.Client() as http:
-            ids = [http.post(url + "/v1/jobs", json={"prompt": f"job {i}", "size": "64x64", "steps": 20, "seed": i}
-                             ).json()["id"] for i in range(4)]
+            ids = [
+                http.post(
+                    url + "/v1/jobs", json={"prompt": f"job {i}", "size": "64x64", "steps": 20, "seed": i}
+                ).json()["id"]
+                for i in range(4)
+            ]
             while http.get(f"{url}/v1/jobs/{ids[0]}").json()["state"] == "queued":
                 time.sleep(0.02)
         with httpx.stream("GET", f"{url}/v1/jobs/{ids[-1]}/events", timeout=10) as stream:

@@ -53,8 +53,16 @@ class Limits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers or {}
@@ -92,8 +100,12 @@ def _parse_size(size: str | None, limits: Limits) -> tuple[int, int] | None:
     except ValueError:
         raise ApiError(400, f"size {size!r} is not WIDTHxHEIGHT, for example '1024x1024'", param="size") from None
     if min(width, height) < limits.min_side or width * height > limits.max_pixels or width % 16 or height % 16:
-        raise ApiError(400, f"size {size!r}: width and height must be multiples of 16, at least {limits.min_side}, "
-                            f"and width x height at most {limits.max_pixels} pixels", param="size")
+        raise ApiError(
+            400,
+            f"size {size!r}: width and height must be multiples of 16, at least {limits.min_side}, "
+            f"and width x height at most {limits.max_pixels} pixels",
+            param="size",
+        )
     return width, height
 
 
@@ -118,10 +130,20 @@ def _loras(items: list, known: dict[str, Path]) -> tuple[tuple[str, float], ...]
     return tuple(refs)
 
 
-def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, output_dir: Path = Path("outputs"),
-               max_batch: int = 4, job_timeout: float = 600.0, rate_limit: tuple[float, int] = (120.0, 30),
-               loras: dict[str, Path] | None = None, limits: Limits = Limits(), drain_seconds: float = 30.0,
-               state_file: Path | None = None) -> FastAPI:
+def create_app(
+    pipeline,
+    *,
+    api_keys: Path | None = None,
+    max_queue: int = 64,
+    output_dir: Path = Path("outputs"),
+    max_batch: int = 4,
+    job_timeout: float = 600.0,
+    rate_limit: tuple[float, int] = (120.0, 30),
+    loras: dict[str, Path] | None = None,
+    limits: Limits = Limits(),
+    drain_seconds: float = 30.0,
+    state_file: Path | None = None,
+) -> FastAPI:
     """The FastAPI app serving `pipeline` (anything called with diffusers' keyword names).
 
     `api_keys` is a keys file (see `auth.py`); without one every client is let in and clients are told apart
@@ -140,9 +162,19 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
     if loras:
         if not hasattr(pipeline, "set_loras"):
             raise UserError("this pipeline cannot switch LoRAs per request (no set_loras); start without --lora-dir")
-        set_loras = lambda pipe, wanted: pipe.set_loras({name: (loras[name], scale) for name, scale in wanted})  # noqa: E731
-    queue = JobQueue(pipeline, output_dir=output_dir, state_file=state_file, max_queue=max_queue,
-                     max_batch=max_batch, job_timeout=job_timeout, set_loras=set_loras)
+
+        def set_loras(pipe, wanted: tuple[tuple[str, float], ...]) -> None:
+            pipe.set_loras({name: (loras[name], scale) for name, scale in wanted})
+
+    queue = JobQueue(
+        pipeline,
+        output_dir=output_dir,
+        state_file=state_file,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        job_timeout=job_timeout,
+        set_loras=set_loras,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -176,16 +208,22 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
             raise ApiError(401, "no API key; send the header `Authorization: Bearer <key>`", code="missing_api_key")
         name = find_key(keys, key.strip())
         if name is None:
-            raise ApiError(401, "incorrect API key; make one with `featherflux keys add NAME --file KEYS`",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "incorrect API key; make one with `featherflux keys add NAME --file KEYS`", code="invalid_api_key"
+            )
         return name
 
     def submitter(request: Request) -> str:
         owner = owner_of(request)
         wait = limiter.take(owner)
         if wait:
-            raise ApiError(429, f"rate limit for this key reached; retry in {math.ceil(wait)} s", type="requests",
-                           code="rate_limit_exceeded", headers={"Retry-After": str(math.ceil(wait))})
+            raise ApiError(
+                429,
+                f"rate limit for this key reached; retry in {math.ceil(wait)} s",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         return owner
 
     # ---- requests into jobs -----------------------------------------------------------------------------
@@ -197,8 +235,13 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
         if content_type.startswith("multipart/form-data"):
             length = int(request.headers.get("content-length") or 0)
             if length > limits.max_upload_bytes * limits.max_references + 1024 * 1024:
-                raise ApiError(413, f"request is {length} bytes; send at most {limits.max_references} images of "
-                                    f"{limits.max_upload_bytes} bytes each", param="image", code="upload_too_large")
+                raise ApiError(
+                    413,
+                    f"request is {length} bytes; send at most {limits.max_references} images of "
+                    f"{limits.max_upload_bytes} bytes each",
+                    param="image",
+                    code="upload_too_large",
+                )
             form = await request.form(max_files=limits.max_references + 1)
             for key, value in form.multi_items():
                 if key in ("image", "image[]"):
@@ -220,15 +263,22 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
             params = ImageParams.model_validate(body)
         except ValidationError as e:
             first = e.errors()[0]
-            raise ApiError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
-                           param=str(first["loc"][0]) if first["loc"] else None) from None
+            raise ApiError(
+                400,
+                f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}",
+                param=str(first["loc"][0]) if first["loc"] else None,
+            ) from None
         if len(uploads) > limits.max_references:
             raise ApiError(400, f"{len(uploads)} reference images; send at most {limits.max_references}", param="image")
         references, first_size = [], None
         for i, upload in enumerate(uploads):
             if upload.size is not None and upload.size > limits.max_upload_bytes:
-                raise ApiError(413, f"image {i + 1} is {upload.size} bytes; send at most {limits.max_upload_bytes}",
-                               param="image", code="upload_too_large")
+                raise ApiError(
+                    413,
+                    f"image {i + 1} is {upload.size} bytes; send at most {limits.max_upload_bytes}",
+                    param="image",
+                    code="upload_too_large",
+                )
             try:
                 image = files.decode_upload(await upload.read(), what=f"image {i + 1} ({upload.filename})")
             except UserError as e:
@@ -239,8 +289,11 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
 
     def job_spec(params: ImageParams, references: list[str], reference_size) -> JobSpec:
         if len(params.prompt) > limits.max_prompt_chars:
-            raise ApiError(400, f"prompt has {len(params.prompt)} characters; send at most {limits.max_prompt_chars}",
-                           param="prompt")
+            raise ApiError(
+                400,
+                f"prompt has {len(params.prompt)} characters; send at most {limits.max_prompt_chars}",
+                param="prompt",
+            )
         if not 1 <= params.n <= limits.max_n:
             raise ApiError(400, f"n={params.n}; ask for 1 to {limits.max_n} images per request", param="n")
         steps = default_steps if params.steps is None else params.steps
@@ -253,18 +306,37 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
         seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
         if not 0 <= seed < 2**63 - limits.max_n:
             raise ApiError(400, f"seed={seed}; use 0 to 2**63 - {limits.max_n + 1}", param="seed")
-        return JobSpec(prompt=params.prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
-                       n=params.n, references=tuple(references), loras=_loras(params.loras, loras))
+        return JobSpec(
+            prompt=params.prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            n=params.n,
+            references=tuple(references),
+            loras=_loras(params.loras, loras),
+        )
 
     def submit(owner: str, spec: JobSpec):
         try:
             return queue.submit(owner, spec)
         except QueueFull as e:
-            raise ApiError(429, f"{e}; the server holds at most {queue.max_queue} waiting jobs", type="requests",
-                           code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+            raise ApiError(
+                429,
+                f"{e}; the server holds at most {queue.max_queue} waiting jobs",
+                type="requests",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
         except ShuttingDown:
-            raise ApiError(503, "the server is shutting down; retry in a few seconds", type="server_error",
-                           code="shutting_down", headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503,
+                "the server is shutting down; retry in a few seconds",
+                type="server_error",
+                code="shutting_down",
+                headers={"Retry-After": "5"},
+            ) from None
 
     def owned_job(job_id: str, owner: str):
         job = queue.get(job_id)
@@ -287,9 +359,14 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
                         raise ApiError(499, "client closed the request") from None
                     continue
                 if event["event"] == "shutdown":
-                    raise ApiError(503, f"the server is shutting down; job {job.id} was saved and runs after the "
-                                        "restart (GET /v1/jobs/{id})", type="server_error", code="shutting_down",
-                                   headers={"Retry-After": "5"})
+                    raise ApiError(
+                        503,
+                        f"the server is shutting down; job {job.id} was saved and runs after the "
+                        "restart (GET /v1/jobs/{id})",
+                        type="server_error",
+                        code="shutting_down",
+                        headers={"Retry-After": "5"},
+                    )
         finally:
             unsubscribe()
         return job
@@ -306,8 +383,12 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
                 data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/files/{name}"})
             else:
                 data.append({"b64_json": base64.b64encode(files.output_path(output_dir, name).read_bytes()).decode()})
-        return {"created": int(job.created), "data": data, "output_format": "png",
-                "size": f"{job.spec.width}x{job.spec.height}"}
+        return {
+            "created": int(job.created),
+            "data": data,
+            "output_format": "png",
+            "size": f"{job.spec.width}x{job.spec.height}",
+        }
 
     # ---- endpoints --------------------------------------------------------------------------------------
 
@@ -371,10 +452,19 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
 
     @app.get("/health")
     async def health():
-        return {"status": "ok" if queue.accepting else "shutting_down", "queue_depth": queue.depth(),
-                "jobs": queue.counts(), "model": getattr(pipeline, "model_id", None),
-                "defaults": {"size": f"{default_side}x{default_side}", "steps": default_steps,
-                             "guidance": default_guidance, "max_n": limits.max_n, "max_steps": limits.max_steps}}
+        return {
+            "status": "ok" if queue.accepting else "shutting_down",
+            "queue_depth": queue.depth(),
+            "jobs": queue.counts(),
+            "model": getattr(pipeline, "model_id", None),
+            "defaults": {
+                "size": f"{default_side}x{default_side}",
+                "steps": default_steps,
+                "guidance": default_guidance,
+                "max_n": limits.max_n,
+                "max_steps": limits.max_steps,
+            },
+        }
 
     @app.get("/metrics")
     async def metrics():
@@ -389,25 +479,41 @@ def create_app(pipeline, *, api_keys: Path | None = None, max_queue: int = 64, o
 
 def prometheus_text(queue: JobQueue) -> str:
     m = queue.metrics
-    lines = ["# HELP featherflux_queue_depth Jobs waiting to run.", "# TYPE featherflux_queue_depth gauge",
-             f"featherflux_queue_depth {queue.depth()}",
-             "# HELP featherflux_jobs Jobs the server knows, by state.", "# TYPE featherflux_jobs gauge"]
+    lines = [
+        "# HELP featherflux_queue_depth Jobs waiting to run.",
+        "# TYPE featherflux_queue_depth gauge",
+        f"featherflux_queue_depth {queue.depth()}",
+        "# HELP featherflux_jobs Jobs the server knows, by state.",
+        "# TYPE featherflux_jobs gauge",
+    ]
     lines += [f'featherflux_jobs{{state="{state}"}} {count}' for state, count in queue.counts().items()]
-    lines += ["# HELP featherflux_step_seconds Wall time of one denoising step (whole batch).",
-              "# TYPE featherflux_step_seconds histogram"]
+    lines += [
+        "# HELP featherflux_step_seconds Wall time of one denoising step (whole batch).",
+        "# TYPE featherflux_step_seconds histogram",
+    ]
     lines += [f'featherflux_step_seconds_bucket{{le="{b}"}} {n}' for b, n in zip(STEP_BUCKETS, m.step_buckets)]
-    lines += [f'featherflux_step_seconds_bucket{{le="+Inf"}} {m.step_count}',
-              f"featherflux_step_seconds_sum {m.step_sum:.6f}", f"featherflux_step_seconds_count {m.step_count}",
-              "# HELP featherflux_images_total Images generated.", "# TYPE featherflux_images_total counter",
-              f"featherflux_images_total {m.images_total}",
-              "# HELP featherflux_images_per_second Images generated per second over the last minute.",
-              "# TYPE featherflux_images_per_second gauge", f"featherflux_images_per_second {m.images_per_second():.4f}"]
+    lines += [
+        f'featherflux_step_seconds_bucket{{le="+Inf"}} {m.step_count}',
+        f"featherflux_step_seconds_sum {m.step_sum:.6f}",
+        f"featherflux_step_seconds_count {m.step_count}",
+        "# HELP featherflux_images_total Images generated.",
+        "# TYPE featherflux_images_total counter",
+        f"featherflux_images_total {m.images_total}",
+        "# HELP featherflux_images_per_second Images generated per second over the last minute.",
+        "# TYPE featherflux_images_per_second gauge",
+        f"featherflux_images_per_second {m.images_per_second():.4f}",
+    ]
     if torch.cuda.is_available():
-        lines += ["# HELP featherflux_device_memory_bytes CUDA memory held by PyTorch.",
-                  "# TYPE featherflux_device_memory_bytes gauge"]
+        lines += [
+            "# HELP featherflux_device_memory_bytes CUDA memory held by PyTorch.",
+            "# TYPE featherflux_device_memory_bytes gauge",
+        ]
         for i in range(torch.cuda.device_count()):
-            for kind, value in (("allocated", torch.cuda.memory_allocated(i)), ("reserved", torch.cuda.memory_reserved(i)),
-                                ("peak_allocated", torch.cuda.max_memory_allocated(i))):
+            for kind, value in (
+                ("allocated", torch.cuda.memory_allocated(i)),
+                ("reserved", torch.cuda.memory_reserved(i)),
+                ("peak_allocated", torch.cuda.max_memory_allocated(i)),
+            ):
                 lines.append(f'featherflux_device_memory_bytes{{device="cuda:{i}",kind="{kind}"}} {value}')
     return "\n".join(lines) + "\n"
 

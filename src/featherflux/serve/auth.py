@@ -39,7 +39,9 @@ def read_keys(path: Path) -> dict[str, str]:
             continue
         name, _, digest = line.partition(":")
         if not NAME.fullmatch(name) or not HEX.fullmatch(digest):
-            raise UserError(f"{path} line {number} is not `name:sha256-hex`; remake the key with `featherflux keys add`")
+            raise UserError(
+                f"{path} line {number} is not `name:sha256-hex`; remake the key with `featherflux keys add`"
+            )
         if name in keys:
             raise UserError(f"{path} line {number}: key name {name!r} appears twice; names must be unique")
         keys[name] = digest

@@ -12,7 +12,7 @@ import re
 import uuid
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from featherflux.errors import UserError
 from featherflux.images import reference_tensor, save_png
@@ -50,7 +50,7 @@ def decode_upload(data: bytes, *, what: str) -> Image.Image:
         image.load()
     except UserError:
         raise
-    except Exception as e:  # PIL raises many types for bad bytes; all mean the same to the client
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{what} is not a readable image (PNG, JPEG or WebP): {e}") from None
     image = image.convert("RGB")
     reference_tensor(image, what)  # the pipeline's own size and aspect checks, before the job is queued

@@ -24,9 +24,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -73,9 +73,16 @@ class JobSpec:
         return (self.width, self.height, self.steps, self.guidance, self.loras)
 
     def parameters(self, index: int) -> dict:
-        return {"prompt": self.prompt, "width": self.width, "height": self.height, "num_inference_steps": self.steps,
-                "guidance_scale": self.guidance, "seed": self.seed + index, "loras": [list(x) for x in self.loras],
-                "references": len(self.references)}
+        return {
+            "prompt": self.prompt,
+            "width": self.width,
+            "height": self.height,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance,
+            "seed": self.seed + index,
+            "loras": [list(x) for x in self.loras],
+            "references": len(self.references),
+        }
 
 
 @dataclass
@@ -94,10 +101,21 @@ class Job:
     cancel_requested: bool = False  # not persisted: a restart forgets a cancel that had not taken effect
 
     def public(self) -> dict:
-        return {"id": self.id, "object": "job", "state": self.state, "step": self.step, "steps": self.spec.steps,
-                "progress": round(self.step / self.spec.steps, 4), "files": list(self.files), "error": self.error,
-                "status": self.status, "created": self.created, "started": self.started, "finished": self.finished,
-                "parameters": self.spec.parameters(0) | {"n": self.spec.n}}
+        return {
+            "id": self.id,
+            "object": "job",
+            "state": self.state,
+            "step": self.step,
+            "steps": self.spec.steps,
+            "progress": round(self.step / self.spec.steps, 4),
+            "files": list(self.files),
+            "error": self.error,
+            "status": self.status,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "parameters": self.spec.parameters(0) | {"n": self.spec.n},
+        }
 
     def record(self) -> dict:
         d = dataclasses.asdict(self)
@@ -107,8 +125,9 @@ class Job:
     @staticmethod
     def from_record(d: dict) -> Job:
         spec = d.pop("spec")
-        spec = JobSpec(**spec | {"references": tuple(spec["references"]),
-                                 "loras": tuple((n, float(s)) for n, s in spec["loras"])})
+        spec = JobSpec(
+            **spec | {"references": tuple(spec["references"]), "loras": tuple((n, float(s)) for n, s in spec["loras"])}
+        )
         return Job(spec=spec, **d)
 
 
@@ -137,9 +156,18 @@ class Metrics:
 class JobQueue:
     """Accepts jobs from any thread; one worker thread runs them through `pipeline` (diffusers keyword names)."""
 
-    def __init__(self, pipeline, *, output_dir: Path, state_file: Path | None = None, max_queue: int = 64,
-                 max_batch: int = 4, job_timeout: float = 600.0, keep_finished: int = 1000,
-                 set_loras: Callable[[object, tuple], None] | None = None):
+    def __init__(
+        self,
+        pipeline,
+        *,
+        output_dir: Path,
+        state_file: Path | None = None,
+        max_queue: int = 64,
+        max_batch: int = 4,
+        job_timeout: float = 600.0,
+        keep_finished: int = 1000,
+        set_loras: Callable[[object, tuple], None] | None = None,
+    ):
         self.pipeline = pipeline
         self.output_dir = Path(output_dir)
         self.state_file = Path(state_file) if state_file else self.output_dir / "queue.jsonl"
@@ -320,9 +348,15 @@ class JobQueue:
                     if job.cancel_requested:
                         self._finish(job, "cancelled")
                     elif time.time() - job.started > self.job_timeout:
-                        self._finish(job, "failed", status=504, error=(
-                            f"the job ran past the {self.job_timeout:g} s time limit; "
-                            "ask for fewer steps or a smaller size"))
+                        self._finish(
+                            job,
+                            "failed",
+                            status=504,
+                            error=(
+                                f"the job ran past the {self.job_timeout:g} s time limit; "
+                                "ask for fewer steps or a smaller size"
+                            ),
+                        )
                     else:
                         job.step = step + 1
                         self._emit(job, "progress")
@@ -336,12 +370,19 @@ class JobQueue:
             kwargs = {}
             if spec.references:
                 kwargs["image"] = [files.load_upload(self.output_dir, name) for name in spec.references]
-            generators = [torch.Generator("cpu").manual_seed(job.spec.seed + i) for job in batch
-                          for i in range(job.spec.n)]
+            generators = [
+                torch.Generator("cpu").manual_seed(job.spec.seed + i) for job in batch for i in range(job.spec.n)
+            ]
             images = self.pipeline(
-                prompt=[job.spec.prompt for job in batch for _ in range(job.spec.n)], height=spec.height,
-                width=spec.width, num_inference_steps=spec.steps, guidance_scale=spec.guidance,
-                generator=generators, num_images_per_prompt=1, output_type="pil", callback_on_step_end=on_step,
+                prompt=[job.spec.prompt for job in batch for _ in range(job.spec.n)],
+                height=spec.height,
+                width=spec.width,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance,
+                generator=generators,
+                num_images_per_prompt=1,
+                output_type="pil",
+                callback_on_step_end=on_step,
                 show_progress=False,
                 **kwargs,
             ).images
@@ -369,13 +410,15 @@ class JobQueue:
     def _store(self, batch: list[Job], images: list) -> None:
         offset = 0
         for job in batch:
-            mine = images[offset:offset + job.spec.n]
+            mine = images[offset : offset + job.spec.n]
             offset += job.spec.n
             if job.state != "running":  # cancelled or timed out during the call; its images are not wanted
                 continue
             try:
-                names = [files.write_output(self.output_dir, job.id, i, image, job.spec.parameters(i))
-                         for i, image in enumerate(mine)]
+                names = [
+                    files.write_output(self.output_dir, job.id, i, image, job.spec.parameters(i))
+                    for i, image in enumerate(mine)
+                ]
             except OSError as e:
                 self._fail([job], 500, f"could not store the image: {e}")
                 continue
@@ -413,7 +456,7 @@ class JobQueue:
 
     def _persist(self) -> None:
         finished = sorted((j for j in self._jobs.values() if j.state in FINISHED), key=lambda j: j.finished)
-        for job in finished[:max(0, len(finished) - self.keep_finished)]:
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
             del self._jobs[job.id]
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.", suffix=".tmp")
@@ -429,8 +472,10 @@ class JobQueue:
             try:
                 job = Job.from_record(json.loads(line))
             except (ValueError, TypeError, KeyError) as e:
-                raise UserError(f"{self.state_file} line {number} is not a job record ({e}); "
-                                "fix or move the file away to start with an empty queue") from None
+                raise UserError(
+                    f"{self.state_file} line {number} is not a job record ({e}); "
+                    "fix or move the file away to start with an empty queue"
+                ) from None
             self._jobs[job.id] = job
             if job.state not in FINISHED:  # queued, or running when the previous server stopped
                 job.state, job.step, job.started = "queued", 0, None
