@@ -26,7 +26,7 @@ def replicas(ray_cluster, tmp_path_factory):
 
 
 def submit(server, headers, steps=20) -> str:
-    r = httpx.post(server.url + "/v1/jobs", json={"prompt": "a star", "size": "32x32", "steps": steps, "seed": 1},
+    r = httpx.post(server.url + "/v1/jobs", json={"prompt": "a star", "size": "64x64", "steps": steps, "seed": 1},
                    headers=headers)
     assert r.status_code == 202, r.text
     return r.json()["id"]

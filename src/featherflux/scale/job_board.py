@@ -22,7 +22,6 @@ import json
 import logging
 import re
 import threading
-import time
 from pathlib import Path
 
 import ray
@@ -111,18 +110,24 @@ def shared_jobs(app, *, replica: int, api_keys: Path | None):
         unsubscribe = queue.subscribe(job_id, publish)
         ray.get(board.publish.remote(job_id, replica, job.owner, job.public()))
 
+    stopped = threading.Event()  # set when the app shuts down
+
     def cancel_loop() -> None:
-        while True:
+        while not stopped.wait(POLL_SECONDS):
             try:
                 for job_id in ray.get(board.take_cancels.remote(replica)):
                     queue.cancel(job_id)
             except ray.exceptions.RayError as e:  # the board restarting must not end cancellation for good
                 log.warning("job board unreachable (%s); retrying", e)
-            time.sleep(POLL_SECONDS)
 
     threading.Thread(target=cancel_loop, name="featherflux-board-cancels", daemon=True).start()
 
     async def wrapped(scope, receive, send):
+        if scope["type"] == "lifespan":
+            try:
+                return await app(scope, receive, send)
+            finally:
+                stopped.set()
         if scope["type"] != "http":
             return await app(scope, receive, send)
         path, method = scope["path"], scope["method"]
