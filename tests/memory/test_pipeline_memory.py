@@ -95,8 +95,9 @@ def test_generate_cli_memory_flags(klein_dir, tmp_path, capsys):
     from featherflux.cli import main
 
     out = tmp_path / "out.png"
-    argv = ["generate", "a dog is dancing", "--model", str(klein_dir), "--width", "64", "--height", "64",
-            "--steps", "1", "--seed", "0", "-o", str(out), "--offload", "blocks", "--embed-cache", str(tmp_path / "c")]
+    flags = "--width 64 --height 64 --steps 1 --seed 0 --offload blocks".split()
+    argv = ["generate", "a dog is dancing", "--model", str(klein_dir), *flags, "-o", str(out)]
+    argv += ["--embed-cache", str(tmp_path / "c")]
     assert main(argv) == 0
     assert out.is_file() and "memory plan" in capsys.readouterr().err
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1
