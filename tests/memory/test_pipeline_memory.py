@@ -95,7 +95,7 @@ def test_generate_cli_memory_flags(klein_dir, tmp_path, capsys):
     from featherflux.cli import main
 
     out = tmp_path / "out.png"
-    flags = "--width 64 --height 64 --steps 1 --seed 0 --offload blocks".split()
+    flags = ["--width", "64", "--height", "64", "--steps", "1", "--seed", "0", "--offload", "blocks"]
     argv = ["generate", "a dog is dancing", "--model", str(klein_dir), *flags, "-o", str(out)]
     argv += ["--embed-cache", str(tmp_path / "c")]
     assert main(argv) == 0
