@@ -115,15 +115,19 @@ def parse_bytes(value: str | float | None, what: str = "memory") -> int | None:
 
 
 def detect_hardware() -> Hardware | None:
-    """The current CUDA device's memory and host RAM, or None without CUDA."""
+    """The current CUDA device's memory and host RAM, or None without CUDA.
+
+    VRAM is what is free now plus what the CUDA context already holds (the reserve accounts for the context), so
+    memory used by other processes is not planned for; on an idle card it is the card's size."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return Hardware(
-        vram_bytes=props.total_memory, ram_bytes=host_ram_bytes(), fp8_matmul=(props.major, props.minor) >= (8, 9)
-    )
+    device = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    vram = min(props.total_memory, free + torch.cuda.memory_reserved(device) + int(0.5 * GiB))
+    return Hardware(vram_bytes=vram, ram_bytes=host_ram_bytes(), fp8_matmul=(props.major, props.minor) >= (8, 9))
 
 
 def host_ram_bytes() -> int:
