@@ -135,7 +135,7 @@ def create_app(
     *,
     api_keys: Path | None = None,
     max_queue: int = 64,
-    output_dir: Path = Path("outputs"),
+    output_dir: Path = Path("featherflux-outputs"),
     max_batch: int = 4,
     job_timeout: float = 600.0,
     rate_limit: tuple[float, int] = (120.0, 30),

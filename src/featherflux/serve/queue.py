@@ -408,7 +408,7 @@ class JobQueue:
         self._store(batch, images)
 
     def _store(self, batch: list[Job], images: list) -> None:
-        offset = 0
+        offset, model = 0, getattr(self.pipeline, "model_id", None)
         for job in batch:
             mine = images[offset : offset + job.spec.n]
             offset += job.spec.n
@@ -416,7 +416,7 @@ class JobQueue:
                 continue
             try:
                 names = [
-                    files.write_output(self.output_dir, job.id, i, image, job.spec.parameters(i))
+                    files.write_output(self.output_dir, job.id, i, image, job.spec.parameters(i) | {"model": model})
                     for i, image in enumerate(mine)
                 ]
             except OSError as e:
