@@ -138,7 +138,7 @@ class Metrics:
     step_sum: float = 0.0
     images_total: int = 0
     image_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
-    job_seconds: float = 10.0  # running estimate of worker seconds per job, for Retry-After
+    call_seconds: float = 10.0  # running average of seconds per pipeline call, for Retry-After
 
     def observe_step(self, seconds: float) -> None:
         self.step_count += 1
@@ -180,7 +180,6 @@ class JobQueue:
         self._jobs: dict[str, Job] = {}
         self._waiting: dict[str, collections.deque[Job]] = {}
         self._line: collections.deque[str] = collections.deque()  # owners with waiting jobs, next to serve first
-        self._running: list[Job] = []
         self._listeners: dict[str, list[Callable[[dict], None]]] = collections.defaultdict(list)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -221,7 +220,6 @@ class JobQueue:
                     del self._waiting[job.owner]
                     self._line.remove(job.owner)
                 self._finish(job, "cancelled")
-                self._persist()
             else:
                 job.cancel_requested = True  # the step callback finishes it at the next step
             return job
@@ -252,8 +250,8 @@ class JobQueue:
             return counts
 
     def retry_after(self) -> int:
-        """Seconds until a place is likely free: the time for the worker to get through one batch."""
-        return max(1, math.ceil(self.metrics.job_seconds * max(1, len(self._running))))
+        """Seconds until a place is likely free: about one pipeline call, when the next waiting job starts."""
+        return max(1, math.ceil(self.metrics.call_seconds))
 
     @property
     def accepting(self) -> bool:
@@ -300,13 +298,11 @@ class JobQueue:
                 for job in batch:
                     job.state, job.started, job.step = "running", time.time(), 0
                     self._emit(job, "running")
-                self._running = batch
                 self._persist()
             started = time.monotonic()
             self._run(batch)
             with self._lock:
-                self.metrics.job_seconds = 0.8 * self.metrics.job_seconds + 0.2 * (time.monotonic() - started)
-                self._running = []
+                self.metrics.call_seconds = 0.8 * self.metrics.call_seconds + 0.2 * (time.monotonic() - started)
                 self._persist()
 
     def _take_batch(self) -> list[Job]:
