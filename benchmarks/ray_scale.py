@@ -7,7 +7,7 @@ Prints, for the same pipeline and the same jobs:
   so actor start-up is reported apart);
 - serve: images/s for `--requests` concurrent OpenAI requests on the single-process server and on Ray Serve with 1
   and 2 replicas, and the latency of GET /health (no pipeline work: the pure per-request overhead) and of one
-  image, single-process against Ray Serve.
+  image, single-process against Ray Serve, with requests alternating between the two servers.
 Without --model it builds the tiny random klein pipeline of the tests (tests/tiny.py). Each worker gets one CPU
 slot and one intra-op thread; with N free cores, N workers should give up to N times the images/s.
 """
@@ -73,28 +73,31 @@ def post_image(url: str, seed: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def measure_server(name: str, url: str, requests: int, steps: int) -> None:
+def get_health(url: str) -> float:
+    start = time.perf_counter()
+    httpx.get(url + "/health").raise_for_status()
+    return time.perf_counter() - start
+
+
+def throughput(name: str, url: str, requests: int, steps: int) -> None:
     post_image(url, 10_000, steps)  # warm up
-    health = []
-    for _ in range(50):
-        start = time.perf_counter()
-        httpx.get(url + "/health").raise_for_status()
-        health.append(time.perf_counter() - start)
-    single = [post_image(url, 20_000 + i, steps) for i in range(5)]
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(requests) as pool:
         list(pool.map(lambda s: post_image(url, s, steps), range(requests)))
-    rate = requests / (time.perf_counter() - start)
-    print(f"serve  {name:26s} {rate:6.2f} images/s ({requests} concurrent), GET /health median "
-          f"{statistics.median(health) * 1000:6.1f} ms, one image median {statistics.median(single) * 1000:6.0f} ms",
+    print(f"serve  {name:26s} {requests / (time.perf_counter() - start):6.2f} images/s ({requests} concurrent)",
           flush=True)
 
 
-def bench_serve(model: str, scratch: Path, requests: int, steps: int, max_batch: int) -> None:
-    import ray
-    from ray import serve
+def overhead(single: str, on_ray: str, steps: int) -> None:
+    """Alternate requests between the two servers, so the machine's changing load hits both alike."""
+    for what, call, count in (("GET /health", get_health, 100), ("one image", lambda u: post_image(u, 7, steps), 10)):
+        pairs = [(call(single), call(on_ray)) for _ in range(count)]
+        a, b = (statistics.median(x) * 1000 for x in zip(*pairs))
+        print(f"serve  {what:12s} median: single process {a:7.1f} ms, ray serve {b:7.1f} ms, "
+              f"ray overhead {b - a:+7.1f} ms", flush=True)
 
-    from featherflux.scale.ray_serve import ReplicaSettings, deploy
+
+def start_single_server(model: str, scratch: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     from tests.serve.fakes import free_port
 
     port = free_port()
@@ -104,28 +107,40 @@ def bench_serve(model: str, scratch: Path, requests: int, steps: int, max_batch:
               " port=int(sys.argv[3]))")
     server = subprocess.Popen([sys.executable, "-c", script, model, str(scratch / "single"), str(port)],
                               env=os.environ | WORKER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            get_health(url)
+            return server, url
+        except httpx.TransportError:
+            assert server.poll() is None, "the single-process server did not start"
+            time.sleep(0.5)
+
+
+def bench_serve(model: str, scratch: Path, requests: int, steps: int, max_batch: int) -> None:
+    from ray import serve
+
+    from featherflux.scale.ray_serve import ReplicaSettings, deploy
+    from tests.serve.fakes import free_port
+
+    server, single = start_single_server(model, scratch, max_batch)
     try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                httpx.get(url + "/health")
-                break
-            except httpx.TransportError:
-                assert server.poll() is None, "the single-process server did not start"
-                time.sleep(0.5)
-        measure_server("single process", url, requests, steps)
+        throughput("single process", single, requests, steps)
+        port = free_port()
+        on_ray = f"http://127.0.0.1:{port}"
+        settings = ReplicaSettings(model=model, output_dir=str(scratch / "ray-serve"), max_batch=max_batch)
+        for replicas in (1, 2):
+            start = time.perf_counter()
+            deploy(settings, host="127.0.0.1", port=port, replicas=replicas)
+            print(f"serve  ray serve: {replicas} replica(s) up after {time.perf_counter() - start:.1f} s", flush=True)
+            if replicas == 1:
+                post_image(on_ray, 10_000, steps)
+                overhead(single, on_ray, steps)
+            throughput(f"ray serve, {replicas} replica(s)", on_ray, requests, steps)
+        serve.shutdown()
     finally:
         server.terminate()
         server.wait()
-    port = free_port()
-    settings = ReplicaSettings(model=model, output_dir=str(scratch / "ray-serve"), max_batch=max_batch)
-    for replicas in (1, 2):
-        start = time.perf_counter()
-        deploy(settings, host="127.0.0.1", port=port, replicas=replicas)
-        print(f"serve  ray serve: {replicas} replica(s) up after {time.perf_counter() - start:.1f} s", flush=True)
-        measure_server(f"ray serve, {replicas} replica(s)", f"http://127.0.0.1:{port}", requests, steps)
-    serve.shutdown()
-    ray.shutdown()
 
 
 def main() -> None:
