@@ -4,7 +4,8 @@ Both models hold the same random weights (diffusers' converted to our layout) an
 forwards alternate between the two (median of --rounds). Printed:
 - time per forward and the ratio featherflux / diffusers (below 1: we are faster), in wall time and in the
   process's CPU time (steadier when other jobs share the cores);
-- achieved FLOP/s of each (FLOPs counted once with torch.utils.flop_counter: matmuls and attention), next to a
+- achieved FLOP/s of each (matmul FLOPs counted with torch.utils.flop_counter, attention FLOPs added
+  analytically since the counter does not see CPU attention kernels), next to a
   plain fp32 matmul of the model's typical shape measured in the same run, the practical ceiling;
 - peak memory of each forward: the rise of the process's peak resident set size (VmHWM) over its resident size
   just before the call. VmHWM is reset before each call through /proc/self/clear_refs, and glibc is told to
@@ -110,11 +111,14 @@ def main():
 
     with torch.inference_mode():
         diff = (run_ours() - run_diffusers()).abs().max().item()
+        # FlopCounterMode counts the matmuls but not CPU attention kernels: add QK^T and AV (2 x 2*S*S*D per layer)
+        tokens = side * side + args.txt
+        attention_flops = 4 * tokens * tokens * args.hidden * (args.double + args.single)
         flops = {}
         for name, fn in (("featherflux", run_ours), ("diffusers", run_diffusers)):
             with FlopCounterMode(display=False) as counter:
                 fn()
-            flops[name] = counter.get_total_flops()
+            flops[name] = counter.get_total_flops() + attention_flops
         for _ in range(2):  # warm up both
             run_ours(), run_diffusers()
         times = {"featherflux": [], "diffusers": []}
@@ -128,7 +132,7 @@ def main():
 
         LIBC.mallopt(M_MMAP_THRESHOLD, 64 * 1024)  # freed activations go back to the OS: RSS tracks live memory
         peaks = {"featherflux": [], "diffusers": []}
-        for _ in range(3):
+        for _ in range(5):
             peaks["featherflux"].append(peak_rss_delta_mb(run_ours))
             peaks["diffusers"].append(peak_rss_delta_mb(run_diffusers))
 
