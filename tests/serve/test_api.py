@@ -41,6 +41,7 @@ def server(tmp_path_factory):
     with LiveServer(app) as live:
         live.pipe = pipe
         yield live
+    assert list((app.state.queue.output_dir / "uploads").iterdir()) == []  # every upload was used, then removed
 
 
 def test_openai_client_generates_b64_and_url(server):
@@ -115,6 +116,8 @@ def test_bad_uploads_get_a_4xx(server):
     assert not_json.status_code == 400
     with pytest.raises(openai.BadRequestError, match="size"):
         client(server).images.generate(prompt="x", size="17x17")
+    unknown_lora = httpx.post(url, data={"prompt": "x", "loras[]": "nope"}, files={"image": ("a.png", png_bytes())})
+    assert unknown_lora.status_code == 400 and unknown_lora.json()["error"]["code"] == "unknown_lora"
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 

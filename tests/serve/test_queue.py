@@ -71,12 +71,14 @@ def test_reference_jobs_run_alone(tmp_path):
     queue = JobQueue(pipe, output_dir=tmp_path, max_batch=4)
     from featherflux.serve import files
 
-    ref = files.save_upload(tmp_path, Image.new("RGB", (32, 32), "red"))
-    jobs = [queue.submit("a", spec(references=(ref,))), queue.submit("b", spec(references=(ref,)))]
+    refs = [files.save_upload(tmp_path, Image.new("RGB", (64, 64), "red")) for _ in range(2)]
+    jobs = [queue.submit("a", spec(references=(refs[0],))), queue.submit("b", spec(references=(refs[1],)))]
     queue.start()
     wait_done(queue, jobs)
     queue.close()
     assert [(len(c["prompts"]), c["references"]) for c in pipe.calls] == [(1, 1), (1, 1)]
+    assert [queue.get(j.id).state for j in jobs] == ["succeeded", "succeeded"]
+    assert list((tmp_path / "uploads").iterdir()) == []  # a finished job's references are removed
 
 
 def test_full_queue_refuses_with_retry_after(tmp_path):

@@ -270,7 +270,7 @@ def create_app(
             ) from None
         if len(uploads) > limits.max_references:
             raise ApiError(400, f"{len(uploads)} reference images; send at most {limits.max_references}", param="image")
-        references, first_size = [], None
+        images = []  # all decoded and checked before any is stored
         for i, upload in enumerate(uploads):
             if upload.size is not None and upload.size > limits.max_upload_bytes:
                 raise ApiError(
@@ -280,11 +280,11 @@ def create_app(
                     code="upload_too_large",
                 )
             try:
-                image = files.decode_upload(await upload.read(), what=f"image {i + 1} ({upload.filename})")
+                images.append(files.decode_upload(await upload.read(), what=f"image {i + 1} ({upload.filename})"))
             except UserError as e:
                 raise ApiError(400, str(e), param="image", code="invalid_image") from None
-            first_size = first_size or _reference_size(image, limits)
-            references.append(await asyncio.to_thread(files.save_upload, output_dir, image))
+        first_size = _reference_size(images[0], limits) if images else None
+        references = [await asyncio.to_thread(files.save_upload, output_dir, image) for image in images]
         return params, references, first_size
 
     def job_spec(params: ImageParams, references: list[str], reference_size) -> JobSpec:
@@ -318,7 +318,14 @@ def create_app(
             loras=_loras(params.loras, loras),
         )
 
-    def submit(owner: str, spec: JobSpec):
+    def submit(owner: str, params: ImageParams, references: list[str], reference_size):
+        try:
+            return enqueue(owner, job_spec(params, references, reference_size))
+        except ApiError:
+            files.delete_uploads(output_dir, references)  # the job was not accepted: nothing will read them
+            raise
+
+    def enqueue(owner: str, spec: JobSpec):
         try:
             return queue.submit(owner, spec)
         except QueueFull as e:
@@ -396,7 +403,7 @@ def create_app(
     async def generations(request: Request):
         owner = submitter(request)
         params, references, reference_size = await read_request(request)
-        job = submit(owner, job_spec(params, references, reference_size))
+        job = submit(owner, params, references, reference_size)
         return openai_result(request, await wait_for(request, job), params.response_format or "b64_json")
 
     @app.post("/v1/images/edits")
@@ -405,14 +412,14 @@ def create_app(
         params, references, reference_size = await read_request(request)
         if not references:
             raise ApiError(400, "an edit needs at least one reference image as an `image` file part", param="image")
-        job = submit(owner, job_spec(params, references, reference_size))
+        job = submit(owner, params, references, reference_size)
         return openai_result(request, await wait_for(request, job), params.response_format or "b64_json")
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(request: Request):
         owner = submitter(request)
         params, references, reference_size = await read_request(request)
-        return submit(owner, job_spec(params, references, reference_size)).public()
+        return submit(owner, params, references, reference_size).public()
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str, request: Request):

@@ -64,6 +64,13 @@ def save_upload(folder: Path, image: Image.Image) -> str:
     return name
 
 
+def delete_uploads(folder: Path, names: tuple[str, ...] | list[str]) -> None:
+    """Remove reference images nobody needs any more (their job finished, or was never queued)."""
+    for name in names:
+        if UPLOAD_NAME.fullmatch(name):
+            (folder / "uploads" / name).unlink(missing_ok=True)
+
+
 def load_upload(folder: Path, name: str) -> Image.Image:
     if not UPLOAD_NAME.fullmatch(name):
         raise UserError(f"reference {name!r} is not an upload name")

@@ -442,6 +442,7 @@ class JobQueue:
 
     def _finish(self, job: Job, state: str, *, status: int | None = None, error: str | None = None) -> None:
         job.state, job.status, job.error, job.finished = state, status, error, time.time()
+        files.delete_uploads(self.output_dir, job.spec.references)
         self._emit(job, "done")
         self._persist()
 
