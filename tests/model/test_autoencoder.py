@@ -13,21 +13,11 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2
 from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
 
+from tests.autoencoder_fixtures import TINY, randomized_vae
+
 # (diffusers kwargs, image size (H, W)); the first is diffusers' own pipeline-test VAE.
 CONFIGS = {
-    "diffusers-tiny": (
-        {
-            "block_out_channels": (4,),
-            "down_block_types": ("DownEncoderBlock2D",),
-            "up_block_types": ("UpDecoderBlock2D",),
-            "layers_per_block": 1,
-            "latent_channels": 1,
-            "norm_num_groups": 1,
-            "use_quant_conv": False,
-            "use_post_quant_conv": False,
-        },
-        (6, 10),
-    ),
+    "diffusers-tiny": (TINY, (6, 10)),
     "two-levels": (
         {
             "block_out_channels": (8, 16),
@@ -52,18 +42,6 @@ CONFIGS = {
         (16, 8),
     ),
 }
-
-
-def randomized_vae(**kwargs) -> AutoencoderKLFlux2:
-    """A diffusers VAE whose norms and BN statistics are random too (defaults 1/0 would hide mistakes)."""
-    vae = AutoencoderKLFlux2(**kwargs).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * torch.randn_like(p))
-        vae.bn.running_mean.copy_(0.5 * torch.randn_like(vae.bn.running_mean))
-        vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
-    return vae
 
 
 def ours_from(vae: AutoencoderKLFlux2) -> AutoEncoder:

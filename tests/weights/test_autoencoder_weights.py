@@ -21,16 +21,8 @@ from featherflux.weights.autoencoder import (
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2
 
-TINY = {  # diffusers' own pipeline-test VAE: one level, no quant convs, 1 group
-    "block_out_channels": (4,),
-    "down_block_types": ("DownEncoderBlock2D",),
-    "up_block_types": ("UpDecoderBlock2D",),
-    "layers_per_block": 1,
-    "latent_channels": 1,
-    "norm_num_groups": 1,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
+from tests.autoencoder_fixtures import TINY, randomized_vae
+
 GROUPS32 = {  # widths divisible by 32, so a single file's config can be read off its shapes alone
     "block_out_channels": (32, 64),
     "down_block_types": ("DownEncoderBlock2D",) * 2,
@@ -39,16 +31,6 @@ GROUPS32 = {  # widths divisible by 32, so a single file's config can be read of
     "latent_channels": 2,
     "norm_num_groups": 32,
 }
-
-
-def randomized_vae(**kwargs) -> AutoencoderKLFlux2:
-    vae = AutoencoderKLFlux2(**kwargs).eval()
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        vae.bn.running_mean.copy_(0.5 * torch.randn_like(vae.bn.running_mean))
-        vae.bn.running_var.copy_(0.5 + torch.rand_like(vae.bn.running_var))
-    return vae
 
 
 def bfl_state_dict(vae: AutoencoderKLFlux2) -> dict[str, torch.Tensor]:
