@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tiny import tiny_pipeline_dir
 
@@ -39,13 +40,13 @@ def test_train_lora_command(tmp_path, klein_dir, capsys):
         "--output",
         str(out),
         "--steps",
-        "4",
+        "2",
         "--resolution",
         "64",
         "--rank",
         "2",
         "--checkpoint-every",
-        "2",
+        "1",
         "--validate-every",
         "2",
         "--validation-prompt",
@@ -60,8 +61,8 @@ def test_train_lora_command(tmp_path, klein_dir, capsys):
         "3 images with captions; 1 skipped without a .txt caption" in printed and "1 skipped as unreadable" in printed
     )
     assert (out / "lora.safetensors").is_file() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-0000002.png", "step-0000004.png"]
-    assert (out / "checkpoints" / "step-0000002" / "state.json").is_file()
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-0000002.png"]
+    assert (out / "checkpoints" / "step-0000001" / "state.json").is_file()
 
     from featherflux.pipeline import load_pipeline
 
@@ -71,6 +72,20 @@ def test_train_lora_command(tmp_path, klein_dir, capsys):
     assert pipe.transformer is not None
     tuned = pipe(prompt="a red square", height=64, width=64, num_inference_steps=2, seed=0, output_type="pt")
     assert not (plain.images == tuned.images).all()
+
+    # the diffusers-format output in diffusers' own pipeline: same image as ours with the same file
+    from tiny import load_diffusers_pipeline
+
+    theirs = load_diffusers_pipeline(klein_dir)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(str(out / "diffusers"))
+    pipe.unload_lora()
+    pipe.load_lora(out / "diffusers")
+    kw = dict(prompt="a red square", height=64, width=64, num_inference_steps=2, max_sequence_length=32,
+              guidance_scale=1.0, output_type="np")
+    expected = theirs(generator=torch.Generator().manual_seed(0), **kw).images
+    ours = pipe(generator=torch.Generator().manual_seed(0), show_progress=False, **kw).images
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
 
     png = tmp_path / "with_lora.png"
     assert (
