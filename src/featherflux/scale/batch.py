@@ -34,20 +34,12 @@ def load_references(job: BatchJob, base_dir: Path) -> list:
     return [open_reference_image(base_dir / ref) for ref in job.references]
 
 
-def apply_loras(pipe, job: BatchJob, base_dir: Path) -> None:
-    """Switch the pipeline's adapters to exactly the job's (none for a job without LoRAs)."""
-    wanted = {str(base_dir / path): (base_dir / path, scale) for path, scale in job.loras}
-    if hasattr(pipe, "set_loras"):
-        pipe.set_loras(wanted)
-    elif wanted:
-        raise UserError("this pipeline cannot switch LoRAs per job (no set_loras); remove 'loras' from the job")
-
-
 def render_job(pipe, job: BatchJob, output_dir: Path, base_dir: Path, model_id: str) -> dict:
     """Render one job with `pipe`, write its PNG atomically with its parameters, and return its manifest record."""
     from featherflux.images import save_png
 
-    apply_loras(pipe, job, base_dir)
+    # exactly the job's adapters (loaded once, cached by path); none for a job without LoRAs
+    pipe.set_loras({str(base_dir / path): (base_dir / path, scale) for path, scale in job.loras})
     references = load_references(job, base_dir)
     family = pipe.family
     steps = job.steps or family.default_steps
