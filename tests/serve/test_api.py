@@ -241,3 +241,20 @@ def test_sixteen_concurrent_clients_each_get_their_own_picture(tmp_path):
     assert counts["succeeded"] == 16
     assert sum(len(c["prompts"]) for c in pipe.calls) == 16
     assert max(len(c["prompts"]) for c in pipe.calls) > 1  # some requests shared a call
+
+
+def test_metrics_report_device_memory_when_cuda_is_there(tmp_path, monkeypatch):
+    from featherflux.serve.api import prometheus_text
+    from featherflux.serve.queue import JobQueue
+
+    for name, value in [
+        ("is_available", True),
+        ("device_count", 1),
+        ("memory_allocated", 10),
+        ("memory_reserved", 20),
+        ("max_memory_allocated", 30),
+    ]:
+        monkeypatch.setattr(f"torch.cuda.{name}", lambda *args, value=value: value)
+    text = prometheus_text(JobQueue(FakePipeline(), output_dir=tmp_path))
+    assert 'featherflux_device_memory_bytes{device="cuda:0",kind="allocated"} 10' in text
+    assert 'featherflux_device_memory_bytes{device="cuda:0",kind="peak_allocated"} 30' in text
