@@ -50,6 +50,18 @@ DEFAULT_SIZES = {"demo": 64}  # output side when neither a size nor a reference 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def check_size(height: int, width: int, multiple: int = 16) -> tuple[int, int]:
+    """The size floored to `multiple` (16 for every FLUX.2 family: 8x autoencoder, 2x2 patches); a UserError when
+    that is out of range. The CLI calls it too, so a bad size fails before minutes of loading."""
+    h, w = height // multiple * multiple, width // multiple * multiple
+    if min(h, w) < MIN_SIDE or h * w > MAX_PIXELS:
+        raise UserError(
+            f"size {width}x{height} is out of range: each side must be >= {MIN_SIDE} px and the image at most "
+            f"{MAX_PIXELS // 2**20} megapixels ({MAX_PIXELS} pixels)"
+        )
+    return h, w
+
+
 @dataclass
 class Flux2PipelineOutput:
     images: list[Image.Image] | Tensor | object  # PIL list, (B,3,H,W) tensor, (B,H,W,3) array or latents
@@ -225,18 +237,11 @@ class Flux2Pipeline:
         return self.family.autoencoder.downsample_factor * self.family.autoencoder.patch_size
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
-        m = self._multiple
-        if height % m or width % m:
-            floored = (height // m * m, width // m * m)
-            warnings.warn(f"size {width}x{height} is not a multiple of {m}; using {floored[1]}x{floored[0]}",
-                          stacklevel=4)
-            height, width = floored
-        if min(height, width) < MIN_SIDE or height * width > MAX_PIXELS:
-            raise UserError(
-                f"size {width}x{height} is out of range: each side must be >= {MIN_SIDE} px and the image at most "
-                f"{MAX_PIXELS // 2**20} megapixels ({MAX_PIXELS} pixels)"
-            )
-        return height, width
+        floored = check_size(height, width, self._multiple)
+        if floored != (height, width):
+            warnings.warn(f"size {width}x{height} is not a multiple of {self._multiple}; using "
+                          f"{floored[1]}x{floored[0]}", stacklevel=4)
+        return floored
 
     def _references(self, image) -> list[Tensor]:
         if image is None:

@@ -52,10 +52,25 @@ def test_generate_errors_are_one_line_and_leave_no_png(model, tmp_path, capsys):
     assert main(["generate", "x", "--model", model, "--image", str(bad), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "corrupt.jpg" in err[0] and err[0].startswith("featherflux: error:")
-    assert main(["generate", "x", "--model", model, "--width", "32", "-o", str(out), "--steps", "1"]) == 2
-    assert ">= 64 px" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(tmp_path / "nowhere"), "-o", str(out)]) == 2
+    assert "nowhere" in capsys.readouterr().err
     assert list(tmp_path.glob("*.png")) == [] and list(tmp_path.glob(".*")) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--width", "32"], "size 32x64 is out of range"),
+        (["--width", "4096", "--height", "2048"], "4 megapixels"),
+        (["--image", "ref.png"] * 11, "11 --image references given; at most 10"),
+        (["--steps", "0"], "--steps must be >= 1"),
+    ],
+)
+def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, args, message):
+    # the model folder does not exist: these errors must come first, not after minutes of loading
+    assert main(["generate", "x", "--model", str(tmp_path / "not-loaded"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
 
 
 def test_info_reads_headers_only(model, capsys):
@@ -67,7 +82,6 @@ def test_info_reads_headers_only(model, capsys):
     assert info["components"]["transformer"]["dtypes"] == {"F32": info["components"]["transformer"]["bytes"]}
     assert main(["info", model]) == 0
     assert "custom-klein" in capsys.readouterr().out
-
 
 
 def test_info_names_the_family_of_a_bfl_transformer_file(tmp_path, capsys):

@@ -18,7 +18,6 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -331,7 +330,11 @@ def test_service_embeddings_equal_local_encoding_bit_for_bit(tiny):
             assert torch.equal(embeds, encoder.encode([prompt], 48))
 
 
-def test_pipeline_with_remote_encoder_draws_the_same_image(tiny):
+def test_pipeline_with_remote_encoder_draws_the_same_image(tiny, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from featherflux.cli import main
     from featherflux.pipeline import load_pipeline
 
     path = tiny("klein-base")  # true CFG: the empty negative prompt is encoded remotely too
@@ -352,6 +355,15 @@ def test_pipeline_with_remote_encoder_draws_the_same_image(tiny):
         expected = local(seed=7, **kwargs).images
         assert torch.equal(remote(seed=7, **kwargs).images, expected)
         assert metric(server.url, "featherflux_encoder_cache_misses_total", token="t0ken") == 3
+        # the CLI: `generate --text-encoder URL`, token from the environment
+        monkeypatch.setenv("FEATHERFLUX_TEXT_ENCODER_TOKEN", "t0ken")
+        out = tmp_path / "remote.png"
+        args = ["--steps", "2", "--guidance", "4", "--seed", "3", "--width", "64", "--height", "64", "-o", str(out)]
+        assert main(["generate", "a red apple", "--model", str(path), "--text-encoder", server.url, *args]) == 0
+    drawn = local(prompt="a red apple", seed=3, height=64, width=64, num_inference_steps=2, guidance_scale=4.0,
+                  show_progress=False).images[0]
+    with Image.open(out) as img:
+        assert np.array_equal(np.asarray(img), np.asarray(drawn))
 
 
 def test_pipeline_refuses_a_server_of_another_family(tiny):

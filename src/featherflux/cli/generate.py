@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--ram", help="host memory budget (default: this machine's)")
     p.add_argument("--offload", choices=["model", "blocks", "sequential"], help="fix the placement (default: planned)")
     p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], help="fix the quantization (default: planned)")
-    p.add_argument("--embed-cache", metavar="DIR", help="keep prompt embeddings on disk; a repeated prompt skips the text encoder")
+    p.add_argument("--embed-cache", metavar="DIR",
+                   help="keep prompt embeddings on disk; a repeated prompt skips the text encoder")
     p.set_defaults(func=run)
 
 
@@ -73,10 +74,15 @@ def _note(message, category, filename, lineno, file=None, line=None):
 def run(args: argparse.Namespace) -> int:
     from featherflux.images import open_reference_image, save_png
     from featherflux.loading import demo_folder
-    from featherflux.pipeline import load_pipeline
+    from featherflux.pipeline import MAX_REFERENCES, MIN_SIDE, check_size, load_pipeline
 
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    # bad numbers, sizes and reference counts fail before the model loads (a side not given is only known after)
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
+        raise UserError(f"--num-images and --steps must be >= 1, got {args.num_images} and {args.steps}")
+    if len(args.image) > MAX_REFERENCES:
+        raise UserError(f"{len(args.image)} --image references given; at most {MAX_REFERENCES} are supported")
+    if args.width is not None or args.height is not None:
+        check_size(MIN_SIDE if args.height is None else args.height, MIN_SIDE if args.width is None else args.width)
     model = args.model
     if model is None:
         if not (demo_folder() / "model_index.json").is_file():
