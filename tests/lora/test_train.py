@@ -101,3 +101,22 @@ def test_qlora_on_int8_base_trains_only_the_adapters(tmp_path):
     assert changed and all(".adapters." in k for k in changed)
     assert all(torch.equal(frozen[k], after[k]) for k in frozen if k in after)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if k.endswith(".up"))
+
+
+def test_qlora_nf4_base_with_8bit_adamw(tmp_path):
+    from featherflux.memory.quant import NF4Linear, nf4_available, quantize
+    from featherflux.model.config import DiTConfig
+    from featherflux.model.dit import Flux2
+
+    if not nf4_available():
+        pytest.skip("bitsandbytes NF4 is not available here")
+    config = DiTConfig(
+        in_channels=64, context_in_dim=64, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1,
+        axes_dim=(8, 8, 8, 8),
+    )  # NF4 needs inputs in blocks of 64
+    model = quantize(Flux2(config).requires_grad_(False), "nf4")
+    assert any(isinstance(m, NF4Linear) for m in model.modules())
+    data = CachedDataset([torch.randn(64, 2, 2) for _ in range(2)], [torch.randn(4, 64) for _ in range(2)],
+                         torch.zeros(4, 64))
+    result = train(model, data, TrainConfig(steps=2, rank=2, optimizer="adamw8bit"), tmp_path)
+    assert len(result.losses) == 2 and (tmp_path / "lora.safetensors").is_file()
