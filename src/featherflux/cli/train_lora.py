@@ -7,6 +7,7 @@ import argparse
 
 import torch
 
+from featherflux.errors import UserError
 from featherflux.lora.finetune import FinetuneSetup, finetune
 from featherflux.lora.train import TrainConfig
 
@@ -79,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
         validate_every=args.validate_every,
         seed=args.seed,
     )
-    result = finetune(setup, config)
+    try:
+        result = finetune(setup, config)
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # one line for the user, never a traceback
+        raise UserError(f"{type(e).__name__}: {e}") from None
     for path in result.outputs:
         print(path)
     return 0
