@@ -3,7 +3,7 @@
 Stages (each seeded from the recipe's seed):
   1. autoencoder: the FLUX.2 autoencoder architecture at the demo's size, trained on random crops of scenes
      (it is fully convolutional, so small crops teach it edges and colours at a quarter of the cost) with an L1 + MSE
-     reconstruction loss, posterior samples and a light KL term; then its BatchNorm statistics are measured on
+     reconstruction loss on posterior samples and a light KL term; then its BatchNorm statistics are measured on
      full-size latents, as FLUX.2's `normalize` expects.
   2. text encoder: a randomly initialised Qwen3 at the demo's size, frozen. Captions have a fixed layout (see
      `scenes`), so per-token hidden states already tell every caption apart; nothing needs training.
@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from featherflux.model.autoencoder import AutoEncoder
 from featherflux.model.config import FamilyConfig, get_family
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+WORK_DIR = Path("~/.cache/featherflux/demo-train")  # data, caches and finished stages
 
 # The scheduler config FLUX.2 checkpoints ship; our sampler derives the same schedule without reading it.
 SCHEDULER_CONFIG = {
@@ -68,8 +69,8 @@ class Recipe:
     ae_kl_weight: float = 1e-4
     ae_images: int = 3000  # distinct scenes the autoencoder sees (cropped)
     ae_stats_images: int = 512  # scenes the latent BatchNorm statistics are measured on
-    dit_images: int = 3000
-    dit_steps: int = 1500
+    dit_images: int = 2000
+    dit_steps: int = 800
     dit_batch: int = 32
     dit_lr: float = 1e-3
 
@@ -185,7 +186,7 @@ def cached_autoencoder(family: FamilyConfig, recipe: Recipe, work: Path) -> Auto
     """Stage 1, or its result from `work` if an earlier run of the same recipe left it there."""
     from safetensors.torch import load_file, save_file
 
-    path = work / f"autoencoder-{recipe_key(recipe, 'ae_')}.safetensors"
+    path = work / f"autoencoder-{recipe_key(recipe, family.autoencoder, 'ae_')}.safetensors"
     if path.exists():
         ae = AutoEncoder(family.autoencoder)
         ae.load_state_dict(load_file(path))
@@ -199,10 +200,11 @@ def cached_autoencoder(family: FamilyConfig, recipe: Recipe, work: Path) -> Auto
     return ae
 
 
-def recipe_key(recipe: Recipe, prefix: str = "") -> str:
-    """A short hash of the recipe fields starting with `prefix` (all fields by default)."""
+def recipe_key(recipe: Recipe, config, prefix: str = "") -> str:
+    """A short hash of a config and the recipe fields starting with `prefix` (all by default), naming a stage's
+    output in the work folder, so that a changed setting retrains instead of reusing a stale result."""
     fields = {k: v for k, v in asdict(recipe).items() if k.startswith(prefix) or k == "seed"}
-    return hashlib.sha1(repr(sorted(fields.items())).encode()).hexdigest()[:10]
+    return hashlib.sha1(repr((sorted(fields.items()), config)).encode()).hexdigest()[:10]
 
 
 def write_dataset(folder: Path, pairs: list[tuple[scenes.Scene, int]]) -> None:
@@ -226,17 +228,19 @@ def train_transformer(family: FamilyConfig, recipe: Recipe, work: Path, *, autoe
     data = work / f"scenes-{recipe.dit_images}-{recipe.seed}"
     if not data.is_dir():
         write_dataset(data, scenes.sample(scenes.split("train"), recipe.dit_images, recipe.seed + 2))
-    run = work / f"transformer-{recipe_key(recipe)}"
+    # Not keyed by dit_steps: a rerun with more steps resumes from the last checkpoint (the learning rate is constant).
+    run = work / f"transformer-{recipe_key(replace(recipe, dit_steps=0), family)}"
     setup = FinetuneSetup(model=str(work / "base"), data=str(data), output=str(run), resolution=scenes.IMAGE_SIZE,
                           buckets=False)
     config = TrainConfig(mode="full", steps=recipe.dit_steps, learning_rate=recipe.dit_lr,
                          batch_size=recipe.dit_batch, shift_steps=family.default_steps, seed=recipe.seed,
-                         base_model="featherflux demo (random init)")
+                         checkpoint_every=100, base_model="featherflux demo (random init)")
     finetune(setup, config)
     return load_transformer(run / "transformer")
 
 
-def main(out: Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), work: Path = Path(".demo-train")) -> None:
+def main(out: Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), work: Path = WORK_DIR) -> None:
+    work = work.expanduser()
     family = get_family("demo")
     start = time.perf_counter()
     autoencoder = cached_autoencoder(family, recipe, work)
@@ -252,11 +256,11 @@ def main(out: Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), work: Path = Path("
 def cli(argv: list[str] | None = None) -> None:
     """`python -m featherflux.demo.train` / `python scripts/train_demo.py`: every Recipe field is an option."""
     import argparse
-    from dataclasses import fields, replace
+    from dataclasses import fields
 
     parser = argparse.ArgumentParser(description="Reproduce the shipped demo model from a seed.")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help=f"pipeline folder to write (default {WEIGHTS_DIR})")
-    parser.add_argument("--work", type=Path, default=Path(".demo-train"),
+    parser.add_argument("--work", type=Path, default=WORK_DIR,
                         help="folder for the data, caches and finished stages (reused by a rerun)")
     for f in fields(Recipe):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)

@@ -193,10 +193,10 @@ FAMILIES: dict[str, FamilyConfig] = {
         dit=DiTConfig(
             in_channels=32,
             context_in_dim=192,
-            hidden_size=192,
-            num_heads=6,
+            hidden_size=128,
+            num_heads=4,
             depth=2,
-            depth_single_blocks=4,
+            depth_single_blocks=2,
             axes_dim=(8, 8, 8, 8),
             guidance_embed=False,
         ),
