@@ -128,7 +128,10 @@ def native_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for native, t in state.items():
         target = table.get(native)
         if target is None:
-            raise ValueError(f"no diffusers name for {native!r}")
+            raise WeightsError(
+                f"cannot save {native!r}: not a plain FLUX.2 parameter; fuse LoRA adapters and save an unquantized, "
+                "unwrapped model"
+            )
         if native in SWAPPED_HALVES:
             t = _swap_halves(t)
         if isinstance(target, str):
