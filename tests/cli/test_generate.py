@@ -98,3 +98,7 @@ def test_info_names_the_family_of_a_bfl_transformer_file(tmp_path, capsys):
     assert info["family"] == "demo"
     assert info["components"]["file"]["params"] == sum(p.numel() for p in model.parameters())
     assert info["components"]["file"]["dtypes"] == {"F32": info["components"]["file"]["bytes"]}
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    assert main(["info", str(truncated)]) == 2
+    assert "truncated.safetensors is truncated" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import struct
 from collections import Counter
@@ -54,9 +55,16 @@ def read_header(path: Path) -> dict:
             if size > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+            header.pop("__metadata__", None)
+            data_bytes = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+            file_bytes = os.fstat(f.fileno()).st_size
+    except (OSError, struct.error, ValueError, AttributeError, KeyError, TypeError, IndexError) as e:
         raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
+    if 8 + size + data_bytes > file_bytes:
+        raise WeightsError(
+            f"{path} is truncated: its header describes {8 + size + data_bytes} bytes but the file has {file_bytes}; "
+            "download it again"
+        )
     return header
 
 
