@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from featherflux import load_pipeline  # the package-level name is the contract
 from featherflux.errors import UserError, WeightsError
-from featherflux.pipeline import load_pipeline
 from tests.tiny import copy_pipeline, load_diffusers_pipeline, tiny_pipeline_dir
 
 PROMPTS = ["a dog is dancing", "a red apple on a wooden table"]

@@ -10,12 +10,14 @@ __all__ = [
     "TextEncoderConfig",
     "get_family",
     "load_autoencoder",
+    "load_pipeline",
     "load_transformer",
 ]
 
 _LAZY = {  # these pull in torch and the model code; imported on first use so `import featherflux` stays light
     "load_transformer": "featherflux.weights",
     "load_autoencoder": "featherflux.weights",
+    "load_pipeline": "featherflux.pipeline",
 }
 
 
