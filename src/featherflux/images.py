@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -90,12 +90,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> P
     """Write `image` to `path` as PNG with `parameters` in text chunks, atomically (no half-written file ever)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a fresh name opened with "x" (not mkstemp, whose 0600 mode would survive the rename) keeps the umask's mode
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             image.save(f, format="PNG", pnginfo=png_text(parameters))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
