@@ -124,13 +124,15 @@ def _same_text_shapes(a: TextEncoderConfig, b: TextEncoderConfig) -> bool:
 
 
 def build_family(folder: Path, variant: str, out_layers: tuple[int, ...] | None = None,
-                 with_text_encoder: bool = True) -> FamilyConfig:
-    """The FamilyConfig of the pipeline in `folder`: a named family when every shape matches, else a custom one."""
+                 with_text_encoder: bool = True, dit: DiTConfig | None = None) -> FamilyConfig:
+    """The FamilyConfig of the pipeline in `folder`: a named family when every shape matches, else a custom one.
+    `dit` (MEM: from a transformer file that overrides the folder's) replaces `transformer/config.json`."""
     from featherflux.weights.autoencoder import config_from_diffusers as ae_config
     from featherflux.weights.transformer import config_from_diffusers as dit_config
 
-    transformer_json = component(folder, "transformer") / "config.json"
-    dit: DiTConfig = dit_config(_read_json(transformer_json, "expected a diffusers config"), transformer_json)
+    if dit is None:
+        transformer_json = component(folder, "transformer") / "config.json"
+        dit = dit_config(_read_json(transformer_json, "expected a diffusers config"), transformer_json)
     ae = ae_config(_read_json(component(folder, "vae") / "config.json", "expected a diffusers VAE config"))
     defaults = VARIANT_DEFAULTS[variant]
     text = None

@@ -393,7 +393,8 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
                   prompt_encoder=None, text_encoder_out_layers: tuple[int, ...] | None = None,
                   vram: str | int | None = None, ram: str | int | None = None, offload: str | None = None,
                   quantize: str | None = None, embed_cache: str | Path | None = None,
-                  text_encoder: str | None = None, text_encoder_token: str | None = None) -> Flux2Pipeline:
+                  text_encoder: str | None = None, text_encoder_token: str | None = None,
+                  transformer: str | Path | None = None, mmap: bool | None = None) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline from a diffusers-layout folder (with model_index.json), a hub repo id already in the
     local Hugging Face cache, or "demo" (the small model shipped with featherflux).
 
@@ -406,24 +407,39 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
     (planner's choice) | "model" | "blocks" | "sequential", `quantize` None (planner's choice) | "int8" | "fp8" |
     "nf4". `embed_cache` is a folder of cached prompt embeddings.
 
+    `transformer=FILE` (MEM) takes the DiT from a single file instead of `transformer/`: a ComfyUI-GGUF `.gguf`,
+    a BFL fp8 `.safetensors` or a plain BFL checkpoint, of the folder's architecture. `mmap=True` leaves the DiT's
+    weights memory-mapped from the file (for hosts with little RAM); None = when the memory plan says so.
+
     `text_encoder="http://host:port"` encodes prompts on a `featherflux encode-server` (featherflux.serve) instead
     of loading `text_encoder/`; `text_encoder_token` is its bearer token ($FEATHERFLUX_TEXT_ENCODER_TOKEN if None).
     """
     from featherflux.loading import build_family, component, resolve_model_path, variant_of
     from featherflux.text_encoder import load_prompt_encoder
-    from featherflux.weights import load_autoencoder, load_transformer
+    from featherflux.weights import load_autoencoder
 
     placed = torch.device(device).type == "cuda" or any(v is not None for v in (vram, offload, quantize))  # MEM
     target, device = device, ("cpu" if placed else device)
     folder, model_id = resolve_model_path(path_or_repo_id)
     variant = variant_of(folder)
     local_encoder = prompt_encoder is None and text_encoder is None  # ENC: a remote encoder needs no text_encoder/
-    family = build_family(folder, variant, text_encoder_out_layers, with_text_encoder=local_encoder)
+    # MEM: a transformer file overrides transformer/; the folder may then lack it (architecture from the file)
+    from featherflux.memory.dit_file import dit_config_from_file, load_dit
+
+    file_dit = None
+    if transformer is not None and not (folder / "transformer" / "config.json").is_file():
+        file_dit = dit_config_from_file(transformer)
+    family = build_family(folder, variant, text_encoder_out_layers, with_text_encoder=local_encoder, dit=file_dit)
     if text_encoder is not None:  # ENC: remote prompt encoding, connected and checked before any weight loads
         from featherflux.serve.encoder_client import connect_text_encoder
 
         prompt_encoder = connect_text_encoder(text_encoder, text_encoder_token, family, prompt_encoder)
-    transformer = load_transformer(component(folder, "transformer"), device=device, dtype=dtype, config=family.dit)
+    if mmap is None:  # MEM: planned memory-mapping on hosts with little RAM
+        from featherflux.memory import mmap_planned
+
+        mmap = placed and mmap_planned(family, target, vram=vram, ram=ram, offload=offload, quantize=quantize)
+    transformer = load_dit(transformer if transformer is not None else component(folder, "transformer"), family,
+                           device=device, dtype=dtype, mmap=mmap, override=transformer is not None)  # end MEM
     autoencoder = load_autoencoder(component(folder, "vae"), device=device, dtype=dtype)
     if prompt_encoder is None:
         prompt_encoder = load_prompt_encoder(
@@ -434,5 +450,6 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
     pipe = Flux2Pipeline(transformer, autoencoder, prompt_encoder, family, kv_references=variant == "klein-kv",
                          model_id=model_id, device=target)
     if placed or embed_cache is not None:  # MEM: plan and place on the target device
-        place_pipeline(pipe, target, vram=vram, ram=ram, offload=offload, quantize=quantize, embed_cache=embed_cache)
+        place_pipeline(pipe, target, vram=vram, ram=ram, offload=offload, quantize=quantize, embed_cache=embed_cache,
+                       mmap=mmap)
     return pipe

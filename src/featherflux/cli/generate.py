@@ -46,6 +46,11 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], help="fix the quantization (default: planned)")
     p.add_argument("--embed-cache", metavar="DIR",
                    help="keep prompt embeddings on disk; a repeated prompt skips the text encoder")
+    p.add_argument("--transformer", metavar="FILE",
+                   help="take the DiT from FILE instead of the model's transformer/: a ComfyUI-GGUF .gguf, a BFL fp8 "
+                        ".safetensors or a plain BFL checkpoint of the same family")
+    p.add_argument("--mmap", action="store_true", default=None,
+                   help="keep the DiT weights memory-mapped from disk (little RAM; default: when the plan says so)")
     p.set_defaults(func=run)
 
 
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             pipe = load_pipeline(model, device=args.device, dtype=DTYPES.get(args.dtype),
                                  text_encoder=args.text_encoder,  # ENC
                                  vram=args.vram, ram=args.ram, offload=args.offload, quantize=args.quantize,  # MEM
-                                 embed_cache=args.embed_cache)  # MEM
+                                 embed_cache=args.embed_cache, transformer=args.transformer, mmap=args.mmap)  # MEM
             if pipe.placement is not None:  # MEM
                 print(f"featherflux: memory plan: {pipe.placement.plan.explanation}", file=sys.stderr)
             for lora_path, lora_scale in args.lora:  # LORA

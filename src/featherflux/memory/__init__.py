@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
+from dataclasses import replace
 
 import torch
 
 from featherflux.errors import UserError
 from featherflux.memory.embed_cache import CachedPromptEncoder
+from featherflux.memory.gguf import GGUFLinear
 from featherflux.memory.offload import Placement, apply_placement, fallback
 from featherflux.memory.planner import Plan, parse_bytes, plan, plans
-from featherflux.memory.quant import quantize
+from featherflux.memory.quant import Float8Linear, quantize
 
 __all__ = [
     "CachedPromptEncoder",
     "Placement",
     "Plan",
     "apply_placement",
+    "dit_file_quantization",
+    "mmap_planned",
     "parse_bytes",
     "phase",
     "place_pipeline",
@@ -57,6 +62,37 @@ def phase(pipe, name: str):
     return placement.phase(name) if placement is not None else contextlib.nullcontext()
 
 
+def _candidate_plans(family, device, vram, ram, offload, quantize, height, width) -> list[Plan] | None:
+    """The plans for `device`, best first, or None when nothing is to be planned (CPU without knobs)."""
+    device = torch.device(device)
+    if not (device.type == "cuda" or vram is not None or offload or quantize):
+        return None
+    if device.type != "cuda" and vram is None:
+        vram = 1 << 60  # no device budget (the "device" is the host): honour the requested mode only
+    return plans(family, vram, ram, height=height, width=width, offload=offload or "auto", quantize=quantize or "auto")
+
+
+def mmap_planned(family, device, *, vram=None, ram=None, offload=None, quantize=None, height=1024, width=1024) -> bool:
+    """Whether the plan `place_pipeline` will choose keeps the weights memory-mapped (the host RAM is too small)."""
+    candidates = _candidate_plans(family, device, vram, ram, offload, quantize, height, width)
+    return bool(candidates) and candidates[0].mmap
+
+
+def dit_file_quantization(dit) -> str | None:
+    """The quantization a DiT was loaded with from its file: "fp8" (BFL fp8), a GGUF format ("q4_k"...) or None."""
+    gguf_bytes = Counter()
+    for m in dit.modules():
+        if isinstance(m, Float8Linear):
+            return "fp8"
+        if isinstance(m, GGUFLinear):
+            gguf_bytes[m.qtype] += m.weight.numel()
+    if not gguf_bytes:
+        return None
+    from featherflux.memory.gguf import _gguf
+
+    return _gguf().GGMLQuantizationType(gguf_bytes.most_common(1)[0][0]).name.lower()
+
+
 def place_pipeline(
     pipe,
     device,
@@ -66,26 +102,32 @@ def place_pipeline(
     offload=None,
     quantize=None,
     embed_cache=None,
+    mmap: bool = False,
     height: int = 1024,
     width: int = 1024,
 ):
     """Plan for `device` (VRAM detected on CUDA unless `vram` is given) and place the pipeline's components.
 
-    `offload` / `quantize` = None let the planner choose; a value fixes that part of the plan. `embed_cache` is a
-    folder for the on-disk prompt-embedding cache. Returns the pipeline (changed in place).
+    `offload` / `quantize` = None let the planner choose; a value fixes that part of the plan. A DiT loaded
+    quantized from its file (GGUF, BFL fp8) fixes the quantization. `mmap=True`: the DiT's weights are
+    memory-mapped, so streamed blocks are not pinned (that would copy them into RAM). `embed_cache` is a folder
+    for the on-disk prompt-embedding cache. Returns the pipeline (changed in place).
     """
-    device = torch.device(device)
-    if device.type == "cuda" or vram is not None or offload or quantize:
-        if device.type != "cuda" and vram is None:
-            vram = 1 << 60  # no device budget (the "device" is the host): honour the requested mode only
-        candidates = plans(
-            pipe.family, vram, ram, height=height, width=width, offload=offload or "auto", quantize=quantize or "auto"
+    file_quant = dit_file_quantization(pipe.transformer)
+    if file_quant and quantize not in (None, file_quant):
+        raise UserError(
+            f"the transformer was loaded already quantized ({file_quant}) from its file; drop quantize={quantize!r}"
         )
+    candidates = _candidate_plans(pipe.family, device, vram, ram, offload, quantize or file_quant, height, width)
+    if candidates is not None:
         chosen = candidates[0]
         if not chosen.fits:
             raise UserError(f"{pipe.family.name} does not fit: {chosen.explanation} Try quantize='nf4' or more memory.")
+        if mmap and not chosen.mmap:
+            chosen = replace(chosen, mmap=True)
         log.info("memory plan: %s", chosen.explanation)
-        pipe.placement = apply_placement(pipe, chosen, device, fallbacks=[p for p in candidates[1:] if p.fits])
+        fallbacks = [replace(p, mmap=p.mmap or mmap) for p in candidates[1:] if p.fits]
+        pipe.placement = apply_placement(pipe, chosen, device, fallbacks=fallbacks)
     if pipe.prompt_encoder is not None and not isinstance(pipe.prompt_encoder, PlacedPromptEncoder):
         pipe.prompt_encoder = PlacedPromptEncoder(pipe.prompt_encoder, pipe)
     if embed_cache is not None and pipe.prompt_encoder is not None:

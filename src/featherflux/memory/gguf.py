@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featherflux.errors import WeightsError
+from featherflux.model.config import DiTConfig
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -178,10 +179,10 @@ def _orig_shapes(reader) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _read(path: Path):
+def _read(path: Path, mode: str = "r"):
     gguf = _gguf()
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = gguf.GGUFReader(str(path), mode)
     except Exception as e:  # noqa: BLE001 -- the reader raises ValueError, struct.error, IndexError... on damaged files
         raise WeightsError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
     orig = _orig_shapes(reader)
@@ -200,29 +201,41 @@ def gguf_summary(path: str | Path) -> tuple[dict[str, tuple[int, ...]], str | No
     return shapes, (kinds.most_common(1)[0][0] if kinds else None)
 
 
-def load_gguf_transformer(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
-    """A `Flux2` DiT from a GGUF file: quantized Linear weights stay quantized (`GGUFLinear`), the rest in `dtype`."""
+def load_gguf_transformer(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    config: DiTConfig | None = None,
+    mmap: bool = False,
+):
+    """A `Flux2` DiT from a GGUF file: quantized Linear weights stay quantized (`GGUFLinear`), the rest in `dtype`.
+
+    `config`: the architecture expected (e.g. the pipeline folder's); None = the named family of the file's shapes.
+    `mmap=True` (host only): quantized blocks stay views of a private (copy-on-write) map of the file."""
     from featherflux.memory.planner import dit_shape_from_keys, family_for_dit_shape
     from featherflux.model.dit import Flux2
 
     path = Path(path)
-    gguf, reader, _ = _read(path)
+    gguf, reader, _ = _read(path, "c" if mmap else "r")
     shapes, _ = gguf_summary(path)
-    config = family_for_dit_shape(dit_shape_from_keys(shapes)).dit
+    if config is None:
+        config = family_for_dit_shape(dit_shape_from_keys(shapes)).dit
     with torch.device("meta"):
         model = Flux2(config)
     expected = dict(model.state_dict())
     found = {_strip(t.name): t for t in reader.tensors}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
+    misshaped = sorted(k for k in set(found) & set(expected) if shapes[k] != tuple(expected[k].shape))
+    if missing or unexpected or misshaped:
         raise WeightsError(
             f"{path} does not match the {config.hidden_size}-wide FLUX.2 DiT: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+            f"unexpected {unexpected[:5]}, mis-shaped {misshaped[:5]}"
         )
     for name, t in found.items():
         kind = gguf.GGMLQuantizationType(t.tensor_type)
-        raw = torch.from_numpy(np.array(t.data))  # a copy out of the reader's memory map
+        raw = torch.from_numpy(t.data if mmap else np.array(t.data))  # a view of the file map, or a copy out of it
         shape = tuple(expected[name].shape)
         if kind.name in ("F32", "F16", "BF16"):
             value = raw.view(torch.bfloat16) if kind.name == "BF16" else raw

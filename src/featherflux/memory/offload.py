@@ -11,7 +11,8 @@ Notable features:
 - `fallback(pipe, placement)` undoes a placement and applies the next plan with a smaller peak, for the pipeline's
   out-of-memory handler.
 - `mmap_safetensors` maps a checkpoint without reading it: tensors are views of the page cache, so hosts with
-  little RAM can stream weights the kernel pages in on demand.
+  little RAM can stream weights the kernel pages in on demand. Under a plan with `mmap`, streamed DiT blocks are
+  not pinned and an offloaded component gets its mapped host tensors back after its phase (no copy into RAM).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Placement:
             raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
         module = self.offloaded.get(name)
         nbytes = 0
+        kept = _host_tensors(module) if module is not None and self.plan.mmap else None
         if module is not None:
             module.to(self.device)
             nbytes = _resident_bytes(module, self.streamers.get(name))
@@ -70,8 +72,11 @@ class Placement:
         try:
             yield
         finally:
-            if module is not None:
+            if kept is not None:  # frozen weights: put the mapped host tensors back instead of copying into RAM
+                _restore(kept)
+            elif module is not None:
                 module.to(self.host)
+            if module is not None:
                 self.ledger.sub(nbytes)
 
     def undo(self, pipe) -> None:
@@ -81,6 +86,23 @@ class Placement:
         for module in _components(pipe).values():
             module.to(self.host)
         self.ledger.current = 0
+
+
+def _host_tensors(module: nn.Module) -> list[tuple[dict, str, torch.Tensor]]:
+    """Where each parameter's and buffer's current (host) tensor lives, to put it back after a phase."""
+    kept = []
+    for m in module.modules():
+        kept += [(m._parameters, k, p.data) for k, p in m._parameters.items() if p is not None]
+        kept += [(m._buffers, k, b) for k, b in m._buffers.items() if b is not None]
+    return kept
+
+
+def _restore(kept: list[tuple[dict, str, torch.Tensor]]) -> None:
+    for table, key, tensor in kept:
+        if isinstance(table[key], nn.Parameter):
+            table[key].data = tensor
+        else:
+            table[key] = tensor
 
 
 def _resident_bytes(module: nn.Module, streamer: Streamer | None) -> int:
@@ -111,7 +133,7 @@ def apply_placement(
     components = _components(pipe)
     if plan.quantize in ("int8", "fp8", "nf4"):  # GGUF plans come with their DiT already quantized
         for name in ("dit", "text_encoder"):  # a second call finds no Linear left to swap
-            if name in components:
+            if name in components and not _quantized(components[name]):  # e.g. a DiT loaded from a BFL fp8 file
                 quantize(components[name], plan.quantize)
     modes = {"dit": plan.dit, "text_encoder": plan.text_encoder, "autoencoder": plan.autoencoder}
     for name, module in components.items():
@@ -126,7 +148,8 @@ def apply_placement(
                 entries, resident = leaf_entries(module, LINEAR_KINDS), ()
             else:
                 entries, resident = block_entries([module.layers]), ()
-            placement.streamers[name] = stream_modules(entries, device, resident, placement.ledger)
+            pin = False if plan.mmap and name == "dit" else None  # pinning would copy mapped weights into RAM
+            placement.streamers[name] = stream_modules(entries, device, resident, placement.ledger, pin=pin)
             placement.entries[name] = entries
         if mode == "offload" or (name == "text_encoder" and mode == "stream"):
             module.to(host)
@@ -135,6 +158,10 @@ def apply_placement(
             module.to(device)
             placement.ledger.add(_resident_bytes(module, placement.streamers.get(name)))
     return placement
+
+
+def _quantized(module: nn.Module) -> bool:
+    return any(isinstance(m, LINEAR_KINDS[1:]) for m in module.modules())
 
 
 def fallback(pipe, placement: Placement) -> Placement | None:

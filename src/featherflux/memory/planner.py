@@ -454,7 +454,7 @@ def plans(
         quants = [file_quant]
     elif quantize == "auto":
         quants = [None, "fp8" if hw.fp8_matmul else "int8", "nf4"]
-    elif quantize in QUANTIZE_MODES:
+    elif quantize in QUANTIZE_MODES or quantize in sizes.QUANT_BYTES:  # the latter: a GGUF file's format
         quants = [quantize]
     else:
         raise UserError(f"unknown quantization {quantize!r}; use one of int8, fp8, nf4 (or leave it unset)")

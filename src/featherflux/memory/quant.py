@@ -197,14 +197,25 @@ def quantize(
     return model
 
 
-def load_bfl_fp8_transformer(path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16):
+def load_bfl_fp8_transformer(
+    path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    config=None,
+    mmap: bool = False,
+):
     """A `Flux2` DiT from one of BFL's fp8 checkpoints (e.g. FLUX.2-klein-4b-fp8): each quantized Linear has
     `weight` (float8_e4m3fn) and `weight_scale` (per row, or one per tensor; `input_scale` is for fp8 activations,
     not needed for weight-only compute). Quantized Linears become `Float8Linear`s; everything else is cast to `dtype`.
+
+    `config` (a DiTConfig): the architecture expected; None = the named family of the file's shapes. `mmap=True`
+    (host only): fp8 weights, and tensors already in `dtype`, stay views of a private map of the file.
     """
     from safetensors import safe_open
 
     from featherflux.errors import WeightsError
+    from featherflux.memory.offload import mmap_safetensors
     from featherflux.memory.planner import dit_shape_from_keys, family_for_dit_shape
     from featherflux.model.dit import Flux2
 
@@ -212,29 +223,34 @@ def load_bfl_fp8_transformer(path, *, device: str | torch.device = "cpu", dtype:
         handle = safe_open(str(path), framework="pt")
     except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types and OSError
         raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
+    read = mmap_safetensors(path).__getitem__ if mmap else handle.get_tensor
     keys = {k.removeprefix("model.diffusion_model.").removeprefix("diffusion_model."): k for k in handle.keys()}  # noqa: SIM118 -- safe_open is not a dict
-    config = family_for_dit_shape(
-        dit_shape_from_keys({k: tuple(handle.get_slice(v).get_shape()) for k, v in keys.items()})
-    ).dit
+    shapes = {k: tuple(handle.get_slice(v).get_shape()) for k, v in keys.items()}
+    if config is None:
+        config = family_for_dit_shape(dit_shape_from_keys(shapes)).dit
     with torch.device("meta"):
         model = Flux2(config)
-    expected = set(model.state_dict())
+    expected = model.state_dict()
     scaled = {k.removesuffix(".weight_scale") for k in keys if k.endswith(".weight_scale")}
     extra = {k for k in keys if k.endswith((".weight_scale", ".input_scale"))}
-    missing, unexpected = sorted(expected - set(keys)), sorted(set(keys) - expected - extra)
-    if missing or unexpected:
-        raise WeightsError(f"{path} does not match the FLUX.2 DiT: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected) - extra)
+    misshaped = sorted(k for k in set(expected) & set(keys) if shapes[k] != tuple(expected[k].shape))
+    if missing or unexpected or misshaped:
+        raise WeightsError(
+            f"{path} does not match the FLUX.2 DiT: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"mis-shaped {misshaped[:5]}"
+        )
     for name in sorted(expected):
         module_name, _, attr = name.rpartition(".")
-        value = handle.get_tensor(keys[name])
+        value = read(keys[name])
         if module_name in scaled and attr == "weight":
             linear = model.get_submodule(module_name)
             q = Float8Linear(
-                linear.in_features, linear.out_features, False, dtype, device, scaled_mm=fp8_matmul_available(device)
+                linear.in_features, linear.out_features, False, dtype, "meta", scaled_mm=fp8_matmul_available(device)
             )
-            q.weight.copy_(value.to(device, torch.float8_e4m3fn))
-            scale = handle.get_tensor(keys[module_name + ".weight_scale"]).float().reshape(-1)
-            q.weight_scale.copy_(scale.expand(linear.out_features) if scale.numel() == 1 else scale)
+            q.weight = value.to(device, torch.float8_e4m3fn)  # a view of the file map when mmap'd
+            scale = read(keys[module_name + ".weight_scale"]).to(device, torch.float32).reshape(-1)
+            q.weight_scale = scale.expand(linear.out_features).contiguous() if scale.numel() == 1 else scale
             parent, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, q)
         else:
