@@ -52,6 +52,7 @@ def render_on_ray(jobs: list[BatchJob], output_dir: Path, base_dir: Path, model:
     # images per second than one pipeline on N threads, and never spin-wait on each other's cores.
     slots = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))
     workers = max(1, min(workers or slots, len(jobs)))
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar covers the whole batch
     dataset = ray.data.from_items([{"job": json.dumps(asdict(job))} for job in jobs], override_num_blocks=len(jobs))
     records = dataset.map_batches(
         JobRenderer,
