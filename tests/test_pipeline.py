@@ -129,6 +129,19 @@ def test_prompt_embeds_seed_and_callback(pipes):
     assert not torch.allclose(blank, by_prompt)
 
 
+def test_latents_given_match_diffusers_and_the_seeded_noise(pipes):
+    from featherflux.sampling import initial_noise
+
+    noise = initial_noise((1, 8, 4, 5), torch.Generator().manual_seed(5), torch.float32)  # (B, C, H/16, W/16), tiny C
+    ours, theirs = run_both(pipes, "klein", prompt=PROMPTS[:1], num_inference_steps=2, height=64, width=80,
+                            latents=noise)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    seeded, _ = run_both(pipes, "klein", seed=5, prompt=PROMPTS[:1], num_inference_steps=2, height=64, width=80)
+    np.testing.assert_array_equal(ours, seeded)
+    with pytest.raises(UserError, match=r"latents must have shape \(1, 8, 4, 5\)"):
+        pipes("klein")[0](prompt=PROMPTS[0], latents=noise[..., :4], height=64, width=80, show_progress=False)
+
+
 def test_bad_inputs(pipes, tmp_path):
     ours, _ = pipes("klein")
     call = dict(num_inference_steps=1, max_sequence_length=8, show_progress=False, output_type="latent")

@@ -241,6 +241,14 @@ def test_client_splits_prompt_lists_above_the_server_limit():
         assert [len(b) for b in encoder.batches] == [3, 3, 1]
 
 
+def test_slow_server_times_out_into_a_clear_error_after_retries():
+    encoder = HashEncoder(seconds_per_call=2.0)
+    with Server(create_encoder_app(encoder)) as server:
+        with RemotePromptEncoder(server.url, timeout=0.3, retries=1, backoff_s=0.01) as client:
+            with pytest.raises(RemoteEncoderError, match="after 2 attempts.*ReadTimeout"):
+                client.encode(["slow"], 4)
+
+
 def test_unreachable_server_is_a_clear_error():
     with pytest.raises(RemoteEncoderError, match="cannot reach the encode server"):
         RemotePromptEncoder(f"http://127.0.0.1:{_free_port()}", retries=1, backoff_s=0.01)
