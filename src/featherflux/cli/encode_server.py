@@ -8,9 +8,8 @@ from pathlib import Path
 
 import torch
 
+from featherflux.cli.generate import DTYPES
 from featherflux.errors import UserError
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def register(subparsers) -> None:
