@@ -165,6 +165,9 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _device(module: nn.Module) -> torch.device:
+    streamer = getattr(module, "streamer", None)  # MEM2: a Linear streamed by sequential offload (memory.streaming)
+    if streamer is not None:  # its weights wait on the host, but the adapter wraps it and runs on the device
+        return streamer.device
     return next(module.parameters(), next(module.buffers(), torch.empty(0))).device
 
 
