@@ -52,7 +52,10 @@ def resolve_model_path(path_or_repo_id: str | Path) -> tuple[Path, str]:
         )
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return Path(_cached_snapshot(name)), name
-    raise UserError(f"{name} is neither a folder nor a Hugging Face repo id (owner/name)")
+    raise UserError(
+        f"{name} does not exist; pass a diffusers pipeline folder (with model_index.json), a Hugging Face repo id "
+        "(owner/name) in the local cache, or 'demo'"
+    )
 
 
 def _cached_snapshot(repo_id: str) -> str:

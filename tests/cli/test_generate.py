@@ -53,7 +53,7 @@ def test_generate_errors_are_one_line_and_leave_no_png(model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "corrupt.jpg" in err[0] and err[0].startswith("featherflux: error:")
     assert main(["generate", "x", "--model", str(tmp_path / "nowhere"), "-o", str(out)]) == 2
-    assert "nowhere" in capsys.readouterr().err
+    assert "nowhere does not exist; pass a diffusers pipeline folder" in capsys.readouterr().err
     assert list(tmp_path.glob("*.png")) == [] and list(tmp_path.glob(".*")) == []
 
 
