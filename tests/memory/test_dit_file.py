@@ -97,6 +97,12 @@ def test_gguf_file_overrides_the_folders_transformer(klein_dir, native, referenc
     pipe = load_pipeline(klein_dir, transformer=path, dtype=torch.float32)
     assert isinstance(pipe.transformer.single_blocks[0].linear1, GGUFLinear)
     assert rel_err(pipe(**CALL).images, reference) < 0.02
+    linear1 = pipe.transformer.single_blocks[0].linear1  # a LoRA wraps GGUF layers too (side branch)
+    lora = {"diffusion_model.single_blocks.0.linear1.lora_A.weight": torch.randn(2, linear1.in_features)}
+    lora["diffusion_model.single_blocks.0.linear1.lora_B.weight"] = torch.randn(linear1.out_features, 2)
+    pipe.load_lora(lora, name="gguf")
+    assert pipe.transformer.single_blocks[0].linear1.base is linear1
+    pipe.unload_lora()
     # a folder with only the text encoder and the autoencoder: the architecture comes from the file
     bare = shutil.copytree(klein_dir, tmp_path / "bare", ignore=shutil.ignore_patterns("transformer"))
     again = load_pipeline(bare, transformer=path, dtype=torch.float32, mmap=True)
