@@ -95,6 +95,9 @@ def test_bfl_fp8_checkpoint_loads_into_float8_linears(tmp_path):
     ctx = torch.randn(1, 4, config.context_in_dim).to(torch.bfloat16)
     args = (x, ids, torch.full((1,), 0.5), ctx, torch.zeros(1, 4, 4))
     assert torch.equal(loaded(*args), quantized(*args))
+    from featherflux.memory.planner import plan
+
+    assert plan(tmp_path / "flux-2-demo-fp8.safetensors", 8, 16).quantize == "fp8"  # planned as the file is
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])

@@ -192,7 +192,10 @@ def resolve_family(model: str | os.PathLike | FamilyConfig) -> tuple[FamilyConfi
             shapes, quant = gguf_summary(path)
             return family_for_dit_shape(dit_shape_from_keys(shapes)), quant
         if path.suffix == ".safetensors":
-            return family_for_dit_shape(dit_shape_from_keys(_safetensors_shapes(path))), None
+            from featherflux.memory.dit_file import dit_file_kind
+
+            quant = "fp8" if dit_file_kind(path) == "fp8" else None  # BFL's fp8 checkpoints
+            return family_for_dit_shape(dit_shape_from_keys(_safetensors_shapes(path))), quant
         raise UserError(f"cannot plan for {path}: expected a folder, a .safetensors or a .gguf file")
     key = text.lower().rsplit("/", 1)[-1].removeprefix("flux.2-")
     for name in FAMILIES:
