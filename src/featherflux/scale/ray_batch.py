@@ -59,7 +59,7 @@ def render_on_ray(jobs: list[BatchJob], output_dir: Path, base_dir: Path, model:
         fn_constructor_kwargs={"model": model, "output_dir": str(output_dir.resolve()), "base_dir": str(base_dir),
                                "device": device, "dtype": str(dtype).removeprefix("torch.") if dtype else None},
         batch_size=1,
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
