@@ -148,9 +148,11 @@ def test_bad_inputs(pipes, tmp_path):
     with pytest.warns(UserWarning, match="not a multiple of 16; using 64x80"):
         out = ours(prompt="a dog", height=90, width=70, **call).images
     assert out.shape[-2:] == (80 // 8, 64 // 8)
-    for h, w in [(48, 64), (64, 40), (4096, 2048)]:
+    for h, w in [(48, 64), (64, 40), (4096, 2048), (0, 64)]:
         with pytest.raises(UserError, match=r">= 64 px .* 4 megapixels"):
             ours(prompt="a dog", height=h, width=w, **call)
+    with pytest.raises(UserError, match="num_inference_steps must be >= 1, got 0"):
+        ours(prompt="a dog", height=64, width=64, **{**call, "num_inference_steps": 0})
     with pytest.raises(UserError, match="at most 10"):
         ours(prompt="a dog", image=[Image.new("RGB", (64, 64))] * 11, **call)
     corrupt = tmp_path / "broken.png"

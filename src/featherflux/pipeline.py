@@ -204,9 +204,10 @@ class Flux2Pipeline:
         if height is None or width is None:
             ref_h, ref_w = references[0].shape[-2:] if references else (None, None)
             default = DEFAULT_SIZES.get(self.family.name, 1024)
-            height, width = height or ref_h or default, width or ref_w or default
+            height = height if height is not None else ref_h or default  # 0 is a bad size, not "default"
+            width = width if width is not None else ref_w or default
         height, width = self._check_size(int(height), int(width))
-        steps = steps or self.family.default_steps
+        steps = self.family.default_steps if steps is None else steps
         if steps < 1:
             raise UserError(f"num_inference_steps must be >= 1, got {steps}")
         if sigmas is not None and (len(sigmas) < 1 or not all(0 < s <= 1 for s in sigmas)):
