@@ -10,6 +10,8 @@ Notable features:
   copy when the dtype is unchanged), so a host with little RAM holds only the pages in use and the kernel can drop
   them again; streaming copies each block to the device when it runs. Tensors that must be transformed (diffusers'
   separate q/k/v fused into `qkv`, the final modulation's swapped halves, dtype casts) are the only copies.
+  (safetensors' own reader also returns page-cache views for unchanged dtypes; mapping the file here makes that a
+  guarantee, and GGUF / fp8 files would otherwise be copied into RAM.)
 """
 
 from __future__ import annotations
