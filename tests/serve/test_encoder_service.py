@@ -339,16 +339,23 @@ def test_service_embeddings_equal_local_encoding_bit_for_bit(tiny):
 
 
 def test_pipeline_with_remote_encoder_draws_the_same_image(tiny, tmp_path, monkeypatch):
+    import shutil
+
     import numpy as np
     from PIL import Image
 
     from featherflux.cli import main
     from featherflux.pipeline import load_pipeline
+    from tests.tiny import copy_pipeline
 
     path = tiny("klein-base")  # true CFG: the empty negative prompt is encoded remotely too
     local = load_pipeline(path)
     with Server(create_encoder_app(load_pipeline_prompt_encoder(str(path)), token="t0ken")) as server:
-        remote = load_pipeline(path, text_encoder=server.url, text_encoder_token="t0ken")
+        # a worker folder without text_encoder/ or tokenizer/: the pipeline never reads them
+        worker = copy_pipeline(path, tmp_path / "worker")
+        shutil.rmtree(worker / "text_encoder")
+        shutil.rmtree(worker / "tokenizer")
+        remote = load_pipeline(worker, text_encoder=server.url, text_encoder_token="t0ken")
         assert isinstance(remote.prompt_encoder, RemotePromptEncoder)
         kwargs = dict(
             prompt=["a red apple", "a dog"],
@@ -367,7 +374,7 @@ def test_pipeline_with_remote_encoder_draws_the_same_image(tiny, tmp_path, monke
         monkeypatch.setenv("FEATHERFLUX_TEXT_ENCODER_TOKEN", "t0ken")
         out = tmp_path / "remote.png"
         args = ["--steps", "2", "--guidance", "4", "--seed", "3", "--width", "64", "--height", "64", "-o", str(out)]
-        assert main(["generate", "a red apple", "--model", str(path), "--text-encoder", server.url, *args]) == 0
+        assert main(["generate", "a red apple", "--model", str(worker), "--text-encoder", server.url, *args]) == 0
     drawn = local(prompt="a red apple", seed=3, height=64, width=64, num_inference_steps=2, guidance_scale=4.0,
                   show_progress=False).images[0]
     with Image.open(out) as img:
