@@ -4,7 +4,7 @@ Stages (each seeded from the recipe's seed):
   1. autoencoder: the FLUX.2 autoencoder architecture at the demo's size, trained on random crops of scenes
      (it is fully convolutional, so small crops teach it edges and colours at a quarter of the cost) with an L1 + MSE
      reconstruction loss on posterior samples and a light KL term; then its BatchNorm statistics are measured on
-     full-size latents, as FLUX.2's `normalize` expects.
+     full-size latents, as FLUX.2's `normalize` expects. 1b: the decoder alone is fine-tuned on whole pictures.
   2. text encoder: a randomly initialised Qwen3 at the demo's size, frozen. Captions have a fixed layout (see
      `scenes`), so per-token hidden states already tell every caption apart; nothing needs training.
   3. transformer: full fine-tuning of a freshly initialised demo DiT with `featherflux.lora.train` on rendered
@@ -69,6 +69,9 @@ class Recipe:
     ae_kl_weight: float = 1e-4
     ae_images: int = 3000  # distinct scenes the autoencoder sees (cropped)
     ae_stats_images: int = 512  # scenes the latent BatchNorm statistics are measured on
+    decoder_steps: int = 600  # full-size decoder fine-tuning on the frozen encoder's latents
+    decoder_batch: int = 8
+    decoder_lr: float = 1e-3
     dit_images: int = 2000
     dit_steps: int = 800
     dit_batch: int = 32
@@ -119,6 +122,31 @@ def train_autoencoder(family: FamilyConfig, recipe: Recipe) -> AutoEncoder:
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ae.eval().requires_grad_(False)
     set_latent_statistics(ae, render_tensor(scenes.sample(scenes.split("train"), recipe.ae_stats_images, recipe.seed + 1)))
+    return ae
+
+
+def finetune_decoder(ae: AutoEncoder, recipe: Recipe) -> AutoEncoder:
+    """Stage 1b: fine-tune the decoder on whole images, decoding the frozen encoder's posterior mean as inference
+    does. Crops normalise differently from whole pictures (GroupNorm statistics are per image), and the latent
+    space, hence the BatchNorm statistics and everything the DiT learns, stays exactly as it was."""
+    data = render_tensor(scenes.sample(scenes.split("train"), recipe.ae_images, recipe.seed + 3))
+    with torch.no_grad():
+        latents = torch.cat([ae.encode(batch) for batch in data.split(64)])
+    optimizer = torch.optim.AdamW(ae.decoder.parameters(), lr=recipe.decoder_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.decoder_lr, total_steps=recipe.decoder_steps,
+                                                   pct_start=0.05)
+    generator = torch.Generator().manual_seed(recipe.seed + 3)
+    ae.decoder.train().requires_grad_(True)
+    for _ in (bar := tqdm(range(recipe.decoder_steps), desc="decoder", unit="step")):
+        index = torch.randint(0, len(data), (recipe.decoder_batch,), generator=generator)
+        error = ae.decoder(latents[index]) - data[index]
+        loss = error.abs().mean() + error.square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    ae.decoder.eval().requires_grad_(False)
     return ae
 
 
@@ -183,24 +211,42 @@ def write_pipeline(folder: Path, *, transformer, autoencoder: AutoEncoder, text_
 
 
 def cached_autoencoder(family: FamilyConfig, recipe: Recipe, work: Path) -> AutoEncoder:
-    """Stage 1, or its result from `work` if an earlier run of the same recipe left it there."""
-    from safetensors.torch import load_file, save_file
-
-    path = work / f"autoencoder-{recipe_key(recipe, family.autoencoder, 'ae_')}.safetensors"
-    if path.exists():
-        ae = AutoEncoder(family.autoencoder)
-        ae.load_state_dict(load_file(path))
-        return ae.eval().requires_grad_(False)
+    """Stages 1 and 1b, or their results from `work` if an earlier run of the same recipe left them there."""
+    crops = work / f"autoencoder-{recipe_key(recipe, family.autoencoder, 'ae_')}.safetensors"
+    final = work / f"autoencoder-{recipe_key(recipe, family.autoencoder, ('ae_', 'decoder_'))}.safetensors"
+    if final.exists():
+        return _load_autoencoder(family, final)
+    if crops.exists():
+        ae = _load_autoencoder(family, crops)
+    else:
+        start = time.perf_counter()
+        ae = train_autoencoder(family, recipe)
+        print(f"autoencoder: {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU so far")
+        _save_autoencoder(ae, crops)
     start = time.perf_counter()
-    ae = train_autoencoder(family, recipe)
-    print(f"autoencoder: {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU so far")
-    work.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    ae = finetune_decoder(ae, recipe)
+    print(f"decoder: {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU so far")
+    _save_autoencoder(ae, final)
     return ae
 
 
-def recipe_key(recipe: Recipe, config, prefix: str = "") -> str:
+def _load_autoencoder(family: FamilyConfig, path: Path) -> AutoEncoder:
+    from safetensors.torch import load_file
+
+    ae = AutoEncoder(family.autoencoder)
+    ae.load_state_dict(load_file(path))
+    return ae.eval().requires_grad_(False)
+
+
+def _save_autoencoder(ae: AutoEncoder, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def recipe_key(recipe: Recipe, config, prefix: str | tuple[str, ...] = "") -> str:
     """A short hash of a config and the recipe fields starting with `prefix` (all by default), naming a stage's
     output in the work folder, so that a changed setting retrains instead of reusing a stale result."""
     fields = {k: v for k, v in asdict(recipe).items() if k.startswith(prefix) or k == "seed"}
@@ -229,7 +275,8 @@ def train_transformer(family: FamilyConfig, recipe: Recipe, work: Path, *, autoe
     if not data.is_dir():
         write_dataset(data, scenes.sample(scenes.split("train"), recipe.dit_images, recipe.seed + 2))
     # Not keyed by dit_steps: a rerun with more steps resumes from the last checkpoint (the learning rate is constant).
-    run = work / f"transformer-{recipe_key(replace(recipe, dit_steps=0), family)}"
+    # Nor by the decoder's settings: the DiT only ever sees the encoder's latents.
+    run = work / f"transformer-{recipe_key(replace(recipe, dit_steps=0), family, ('ae_', 'dit_'))}"
     setup = FinetuneSetup(model=str(work / "base"), data=str(data), output=str(run), resolution=scenes.IMAGE_SIZE,
                           buckets=False)
     config = TrainConfig(mode="full", steps=recipe.dit_steps, learning_rate=recipe.dit_lr,
