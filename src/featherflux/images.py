@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
+from featherflux.atomic import atomic_write
 from featherflux.errors import UserError
 
 REFERENCE_MAX_AREA = 1024 * 1024  # diffusers' cap on reference pixels before encoding
@@ -88,15 +88,4 @@ def read_png_parameters(path: str | os.PathLike) -> dict:
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict) -> Path:
     """Write `image` to `path` as PNG with `parameters` in text chunks, atomically (no half-written file ever)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name opened with "x" (not mkstemp, whose 0600 mode would survive the rename) keeps the umask's mode
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG", pnginfo=png_text(parameters))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_text(parameters)))

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from featherflux.atomic import atomic_write
 from featherflux.errors import UserError
 from featherflux.lora.formats import to_bfl_state_dict, to_diffusers_state_dict
 from featherflux.lora.layers import LoRAAdapter, LoRALinear
@@ -112,7 +113,7 @@ class CachedDataset:
         tensors |= {f"extra.{i}": t.contiguous() for i, t in enumerate((extra or {}).values())}
         tensors["empty_embed"] = self.empty_embed.contiguous()
         meta = {"names": json.dumps(self.names), "extra": json.dumps(list(extra or {})), "key": key}
-        _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: Path, key: str = "") -> tuple[CachedDataset, dict[str, Tensor]] | None:
@@ -191,10 +192,10 @@ def save_lora(model: nn.Module, output: Path, config: TrainConfig, step: int) ->
     diffusers_sd, meta = to_diffusers_state_dict(pairs, model.config, config.rank, config.alpha)
     diffusers_path = output / "diffusers" / "pytorch_lora_weights.safetensors"
     diffusers_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(diffusers_path, lambda tmp: save_file(diffusers_sd, tmp, metadata=meta | info))
+    atomic_write(diffusers_path, lambda tmp: save_file(diffusers_sd, tmp, metadata=meta | info))
     bfl_path = output / "lora.safetensors"
     bfl_sd = to_bfl_state_dict(pairs, config.alpha / config.rank)
-    _atomic(bfl_path, lambda tmp: save_file(bfl_sd, tmp, metadata={"format": "pt"} | info))
+    atomic_write(bfl_path, lambda tmp: save_file(bfl_sd, tmp, metadata={"format": "pt"} | info))
     return [diffusers_path, bfl_path]
 
 
@@ -384,15 +385,9 @@ def train(
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 

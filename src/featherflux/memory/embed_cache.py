@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from featherflux.atomic import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -61,14 +62,7 @@ class CachedPromptEncoder:
             return None
 
     def _save(self, path: Path, embeds: Tensor) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"prompt_embeds": embeds.contiguous().cpu()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file({"prompt_embeds": embeds.contiguous().cpu()}, tmp))
 
     def encode(self, prompts: list[str], max_sequence_length: int = 512, **kwargs) -> Tensor:
         out_layers = kwargs.get("out_layers")

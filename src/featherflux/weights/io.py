@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from featherflux.atomic import atomic_write
 from featherflux.errors import WeightsError
 
 _SAFETENSORS_DTYPES = {
@@ -249,20 +249,9 @@ def materialize(
     return model.eval()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, obj: dict) -> None:
     """Write `obj` as indented JSON, atomically."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -304,7 +293,7 @@ def save_safetensors(
     )
     for file_name, keys in zip(names, shards):
         shard = {k: _own_storage(tensors[k]) for k in keys}
-        _atomic_write(folder / file_name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        atomic_write(folder / file_name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
         del shard
     index_path = folder / f"{weights_name}.index.json"
     if len(shards) > 1:

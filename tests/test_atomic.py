@@ -1,0 +1,29 @@
+import os
+import stat
+
+import pytest
+
+from featherflux.atomic import atomic_write
+
+
+def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
+    target = tmp_path / "sub" / "out.bin"
+    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"first"))
+    assert target.read_bytes() == b"first"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # not mkstemp's owner-only 0600
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def half_write(tmp):
+        open(tmp, "wb").write(b"ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_write)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
