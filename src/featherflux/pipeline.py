@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from featherflux.errors import UserError
 from featherflux.images import open_reference_image, postprocess, reference_tensor
-from featherflux.memory import phase, place_pipeline, retry_on_oom  # MEM: placement hooks
+from featherflux.memory import phase, place_pipeline, require_device, retry_on_oom  # MEM: placement hooks
 from featherflux.model.config import FamilyConfig
 from featherflux.sampling import (
     euler_step,
@@ -419,6 +419,7 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
     from featherflux.text_encoder import load_prompt_encoder
     from featherflux.weights import load_autoencoder
 
+    require_device(device)  # MEM
     placed = torch.device(device).type == "cuda" or any(v is not None for v in (vram, offload, quantize))  # MEM
     target, device = device, ("cpu" if placed else device)
     folder, model_id = resolve_model_path(path_or_repo_id)

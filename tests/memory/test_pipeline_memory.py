@@ -101,3 +101,11 @@ def test_generate_cli_memory_flags(klein_dir, tmp_path, capsys):
     assert main(argv) == 0
     assert out.is_file() and "memory plan" in capsys.readouterr().err
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_says_to_use_the_cpu_before_loading(klein_dir):
+    from featherflux.errors import UserError
+
+    with pytest.raises(UserError, match="--device cpu"):
+        load_pipeline(klein_dir, device="cuda")

@@ -93,6 +93,13 @@ def dit_file_quantization(dit) -> str | None:
     return _gguf().GGMLQuantizationType(gguf_bytes.most_common(1)[0][0]).name.lower()
 
 
+def require_device(device) -> None:
+    """Refuse a CUDA device that is not there before any weights are read."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for, but PyTorch sees no CUDA device here (no GPU, or a CPU-only "
+                        "torch build); use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+
+
 def place_pipeline(
     pipe,
     device,
@@ -113,6 +120,7 @@ def place_pipeline(
     memory-mapped, so streamed blocks are not pinned (that would copy them into RAM). `embed_cache` is a folder
     for the on-disk prompt-embedding cache. Returns the pipeline (changed in place).
     """
+    require_device(device)
     file_quant = dit_file_quantization(pipe.transformer)
     if file_quant and quantize not in (None, file_quant):
         raise UserError(
