@@ -164,6 +164,13 @@ def test_other_diffusers_class(tmp_path):
         load_transformer(tmp_path)
 
 
+def test_text_encoder_folder_is_named_as_such(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, tmp_path / "model.safetensors")
+    with pytest.raises(WeightsError, match="describes a Qwen3ForCausalLM, not a FLUX.2 transformer"):
+        load_transformer(tmp_path)
+
+
 def test_not_a_transformer(tmp_path):
     save_file({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, tmp_path / "ae.safetensors")
     with pytest.raises(WeightsError, match="does not look like a FLUX.2 transformer"):

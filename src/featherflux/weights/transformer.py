@@ -153,8 +153,9 @@ def strip_bfl_prefix(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
 
 def config_from_diffusers(cfg: dict, source: str | os.PathLike) -> DiTConfig:
     """A diffusers `Flux2Transformer2DModel` config.json -> DiTConfig."""
-    if cfg.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS:
-        raise WeightsError(f"{source} describes a {cfg['_class_name']}, not a FLUX.2 transformer ({DIFFUSERS_CLASS})")
+    found = cfg.get("_class_name") or ", ".join(cfg.get("architectures", [])) or "model without a class name"
+    if found != DIFFUSERS_CLASS:
+        raise WeightsError(f"{source} describes a {found}, not a FLUX.2 transformer ({DIFFUSERS_CLASS})")
     unsupported = {
         "patch_size": (cfg.get("patch_size", 1), 1),
         "out_channels": (cfg.get("out_channels"), None),
