@@ -147,7 +147,7 @@ def create_app(
     """The FastAPI app serving `pipeline` (anything called with diffusers' keyword names).
 
     `api_keys` is a keys file (see `auth.py`); without one every client is let in and clients are told apart
-    by address. `rate_limit` is (requests per minute, burst) per key for requests that create jobs.
+    by address. `rate_limit` is (requests per minute, burst) per API key for requests that create jobs.
     `loras` maps LoRA names a request may ask for to adapter files; applying them needs `pipeline.set_loras`.
     """
     output_dir = Path(output_dir)
@@ -215,7 +215,7 @@ def create_app(
 
     def submitter(request: Request) -> str:
         owner = owner_of(request)
-        wait = limiter.take(owner)
+        wait = limiter.take(owner) if keys is not None else 0.0  # limits are per key; an open server has none
         if wait:
             raise ApiError(
                 429,
