@@ -69,13 +69,14 @@ class Recipe:
     ae_kl_weight: float = 1e-4
     ae_images: int = 3000  # distinct scenes the autoencoder sees (cropped)
     ae_stats_images: int = 512  # scenes the latent BatchNorm statistics are measured on
-    decoder_steps: int = 600  # full-size decoder fine-tuning on the frozen encoder's latents
+    decoder_steps: int = 2000  # full-size decoder fine-tuning on the frozen encoder's latents
     decoder_batch: int = 8
     decoder_lr: float = 1e-3
     dit_images: int = 2000
-    dit_steps: int = 800
+    dit_steps: int = 2400
     dit_batch: int = 32
     dit_lr: float = 1e-3
+    dit_shift_steps: int = 8  # timestep sampling follows FLUX.2's schedule shift at this many sampling steps
 
 
 def render_tensor(pairs: list[tuple[scenes.Scene, int]]) -> torch.Tensor:
@@ -276,11 +277,12 @@ def train_transformer(family: FamilyConfig, recipe: Recipe, work: Path, *, autoe
         write_dataset(data, scenes.sample(scenes.split("train"), recipe.dit_images, recipe.seed + 2))
     # Not keyed by dit_steps: a rerun with more steps resumes from the last checkpoint (the learning rate is constant).
     # Nor by the decoder's settings: the DiT only ever sees the encoder's latents.
-    run = work / f"transformer-{recipe_key(replace(recipe, dit_steps=0), family, ('ae_', 'dit_'))}"
+    networks = (family.dit, family.autoencoder, family.text_encoder)
+    run = work / f"transformer-{recipe_key(replace(recipe, dit_steps=0), networks, ('ae_', 'dit_'))}"
     setup = FinetuneSetup(model=str(work / "base"), data=str(data), output=str(run), resolution=scenes.IMAGE_SIZE,
                           buckets=False)
     config = TrainConfig(mode="full", steps=recipe.dit_steps, learning_rate=recipe.dit_lr,
-                         batch_size=recipe.dit_batch, shift_steps=family.default_steps, seed=recipe.seed,
+                         batch_size=recipe.dit_batch, shift_steps=recipe.dit_shift_steps, seed=recipe.seed,
                          checkpoint_every=100, base_model="featherflux demo (random init)")
     finetune(setup, config)
     return load_transformer(run / "transformer")

@@ -214,7 +214,7 @@ FAMILIES: dict[str, FamilyConfig] = {
             max_length=16,
             tie_embeddings=True,
         ),
-        default_steps=8,
+        default_steps=4,
         default_guidance=1.0,
         guidance_distilled=True,
     ),
