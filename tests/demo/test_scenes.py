@@ -56,7 +56,8 @@ def test_evaluator_rejects_pictures_that_contradict_the_caption():
     wrong_shape = [scenes.Scene(shapes[s.shape], s.color, s.background, s.position) for s in prompts]
     report = evaluate.score([scenes.render(s, 0) for s in wrong_shape], prompts)
     assert report.shape == 0.0 and report.color == 1.0 and report.adherence == 0.0
-    moved = [scenes.Scene(s.shape, s.color, s.background, "on the right" if s.position == "on the left" else "on the left")
+    other_side = {"on the left": "on the right"}
+    moved = [scenes.Scene(s.shape, s.color, s.background, other_side.get(s.position, "on the left"))
              for s in prompts if s.position]
     report = evaluate.score([scenes.render(s, 0) for s in moved], [p for p in prompts if p.position])
     assert report.position == 0.0

@@ -227,7 +227,7 @@ def evaluate(
 
 
 def pipeline_generator(pipe, num_inference_steps: int | None = None, seed: int = 0):
-    """Adapt a pipeline to `evaluate`'s `generate(captions, offset)`: image i of a call is seeded `seed + offset + i`."""
+    """Adapt a pipeline to `evaluate`'s `generate(captions, offset)`; image i of a call is seeded seed + offset + i."""
     import torch
 
     steps = num_inference_steps or pipe.family.default_steps

@@ -56,7 +56,8 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        text = f"{_article(self.color)} {self.color} {self.shape} on {_article(self.background)} {self.background} background"
+        shape = f"{_article(self.color)} {self.color} {self.shape}"
+        text = f"{shape} on {_article(self.background)} {self.background} background"
         return f"{text}, {self.position}" if self.position else text
 
 

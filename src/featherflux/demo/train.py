@@ -94,7 +94,8 @@ def train_autoencoder(family: FamilyConfig, recipe: Recipe) -> AutoEncoder:
     optimizer = torch.optim.AdamW(ae.parameters(), lr=recipe.ae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.ae_lr, total_steps=recipe.ae_steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(recipe.seed)
-    z, f, crop, size = family.autoencoder.z_channels, family.autoencoder.downsample_factor, recipe.ae_crop, data.shape[-1]
+    z, f = family.autoencoder.z_channels, family.autoencoder.downsample_factor
+    crop, size = recipe.ae_crop, data.shape[-1]
     positions = list(scenes.POSITIONS)
     ae.train()
     for step in (bar := tqdm(range(recipe.ae_steps), desc="autoencoder", unit="step")):
@@ -122,7 +123,8 @@ def train_autoencoder(family: FamilyConfig, recipe: Recipe) -> AutoEncoder:
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ae.eval().requires_grad_(False)
-    set_latent_statistics(ae, render_tensor(scenes.sample(scenes.split("train"), recipe.ae_stats_images, recipe.seed + 1)))
+    stats_pairs = scenes.sample(scenes.split("train"), recipe.ae_stats_images, recipe.seed + 1)
+    set_latent_statistics(ae, render_tensor(stats_pairs))
     return ae
 
 
@@ -308,7 +310,8 @@ def cli(argv: list[str] | None = None) -> None:
     from dataclasses import fields
 
     parser = argparse.ArgumentParser(description="Reproduce the shipped demo model from a seed.")
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help=f"pipeline folder to write (default {WEIGHTS_DIR})")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
+                        help=f"pipeline folder to write (default {WEIGHTS_DIR})")
     parser.add_argument("--work", type=Path, default=WORK_DIR,
                         help="folder for the data, caches and finished stages (reused by a rerun)")
     for f in fields(Recipe):
