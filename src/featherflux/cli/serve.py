@@ -11,7 +11,7 @@ import torch
 from featherflux.errors import UserError
 from featherflux.scale.serve_cli import add_ray_arguments, serve_on_ray  # --ray: the scale engineer's
 
-PLACEMENT = ("vram", "ram", "offload", "quantize")  # passed to load_pipeline only when given
+PLACEMENT = ("vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token")  # passed to load_pipeline when given
 
 
 def register(subparsers) -> None:
@@ -71,10 +71,6 @@ def run(args: argparse.Namespace) -> int:
         loras = {p.stem: p for p in sorted(args.lora_dir.glob("*.safetensors"))}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     placement = {name: getattr(args, name) for name in PLACEMENT if getattr(args, name) is not None}
-    if args.text_encoder is not None:
-        from featherflux.serve.encoder_client import RemotePromptEncoder
-
-        placement["prompt_encoder"] = RemotePromptEncoder(args.text_encoder, args.text_encoder_token)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = load_pipeline(args.model, device=args.device, dtype=dtype, **placement)
     app = create_app(
