@@ -73,7 +73,7 @@ class Recipe:
     decoder_batch: int = 8
     decoder_lr: float = 1e-3
     dit_images: int = 2000
-    dit_steps: int = 2400
+    dit_steps: int = 4000
     dit_batch: int = 32
     dit_lr: float = 1e-3
     dit_shift_steps: int = 8  # timestep sampling follows FLUX.2's schedule shift at this many sampling steps
