@@ -153,7 +153,8 @@ def strip_bfl_prefix(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
 
 def config_from_diffusers(cfg: dict, source: str | os.PathLike) -> DiTConfig:
     """A diffusers `Flux2Transformer2DModel` config.json -> DiTConfig."""
-    found = cfg.get("_class_name") or ", ".join(cfg.get("architectures", [])) or "model without a class name"
+    # transformers configs name their class in "architectures"; a bare dict (no name at all) is taken as FLUX.2
+    found = cfg.get("_class_name") or ", ".join(cfg.get("architectures", [])) or DIFFUSERS_CLASS
     if found != DIFFUSERS_CLASS:
         raise WeightsError(f"{source} describes a {found}, not a FLUX.2 transformer ({DIFFUSERS_CLASS})")
     unsupported = {
