@@ -42,9 +42,10 @@ def test_shipped_demo_still_draws_what_it_is_told(demo):
     prompts = evaluate.heldout_prompts(24)
     generate = evaluate.pipeline_generator(demo)
     report = evaluate.score(generate([p.caption for p in prompts], 0), prompts)
-    # The shipped model gets 43% of 200 held-out captions fully right and 98% of backgrounds and positions;
-    # a broken RoPE, schedule, latent normalisation or VAE drops all of these to chance.
-    assert report.background >= 0.8 and report.position >= 0.8 and report.adherence >= 0.15, report.summary()
+    # The shipped model draws 100% of colours, backgrounds and positions of 200 held-out captions right and 68.5% of
+    # shapes; a broken RoPE, schedule, latent normalisation or VAE drops all of these towards chance.
+    assert min(report.color, report.background, report.position) >= 0.9, report.summary()
+    assert report.adherence >= 0.4, report.summary()
 
 
 def test_generate_without_model_draws_the_demo(tmp_path):

@@ -1,14 +1,15 @@
 """The demo model's training recipe: from a seed to the shipped `demo/weights/` folder on a laptop CPU.
 
 Stages (each seeded from the recipe's seed):
-  1. autoencoder: the FLUX.2 autoencoder architecture at the demo's size, trained on random crops of scenes
-     (it is fully convolutional, so small crops teach it edges and colours at a quarter of the cost) with an L1 + MSE
-     reconstruction loss on posterior samples and a light KL term; then its BatchNorm statistics are measured on
-     full-size latents, as FLUX.2's `normalize` expects. 1b: the decoder alone is fine-tuned on whole pictures.
+  1. autoencoder: the FLUX.2 autoencoder architecture at the demo's size (4x downsampling, one group per
+     GroupNorm: with 16 channels, more groups would normalise the flat colours away), trained on whole scenes with an
+     L1 + MSE reconstruction loss on posterior samples and a light KL term; then its BatchNorm statistics are
+     measured on latents of training scenes, as FLUX.2's `normalize` expects.
   2. text encoder: a randomly initialised Qwen3 at the demo's size, frozen. Captions have a fixed layout (see
      `scenes`), so per-token hidden states already tell every caption apart; nothing needs training.
   3. transformer: full fine-tuning of a freshly initialised demo DiT with `featherflux.lora.train` on rendered
-     scenes of the training split. The new colour `scenes.NOVEL_COLOR` is kept out of every stage.
+     scenes of the training split. No caption names the new colour `scenes.NOVEL_COLOR`: the LoRA
+     demonstration teaches it. The autoencoder, a codec like FLUX.2's, sees pictures of every colour.
 The result is written in diffusers' pipeline layout and loads with `load_pipeline` like any FLUX.2 checkpoint.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from featherflux.demo import scenes
@@ -62,20 +64,18 @@ MODEL_INDEX = {
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
-    ae_steps: int = 1500
+    ae_steps: int = 2500
     ae_batch: int = 8
-    ae_crop: int = 32
-    ae_lr: float = 3e-3
+    ae_lr: float = 2e-3
     ae_kl_weight: float = 1e-4
-    ae_images: int = 3000  # distinct scenes the autoencoder sees (cropped)
+    ae_edge_weight: float = 8.0  # extra loss weight on pixels at colour edges (star tips are a few pixels)
+    ae_images: int = 3000  # distinct scenes the autoencoder sees
     ae_stats_images: int = 512  # scenes the latent BatchNorm statistics are measured on
-    decoder_steps: int = 2000  # full-size decoder fine-tuning on the frozen encoder's latents
-    decoder_batch: int = 8
-    decoder_lr: float = 1e-3
-    dit_images: int = 2000
-    dit_steps: int = 4000
-    dit_batch: int = 32
+    dit_images: int = 3000
+    dit_steps: int = 6000
+    dit_batch: int = 16
     dit_lr: float = 1e-3
+    dit_warmup: int = 100  # then cosine decay to zero at dit_steps
     dit_shift_steps: int = 8  # timestep sampling follows FLUX.2's schedule shift at this many sampling steps
 
 
@@ -86,39 +86,29 @@ def render_tensor(pairs: list[tuple[scenes.Scene, int]]) -> torch.Tensor:
 
 
 def train_autoencoder(family: FamilyConfig, recipe: Recipe) -> AutoEncoder:
+    """Stage 1: the autoencoder on whole scenes of every colour (it is the image codec, like FLUX.2's, which encodes
+    colours no caption names; the new colour stays new to the DiT and the text path)."""
     torch.manual_seed(recipe.seed)
     ae = AutoEncoder(family.autoencoder)
-    pairs = scenes.sample(scenes.split("train"), recipe.ae_images, recipe.seed)
-    data = render_tensor(pairs)
-    by_position = {p: torch.tensor([i for i, (s, _) in enumerate(pairs) if s.position == p]) for p in scenes.POSITIONS}
+    data = render_tensor(scenes.sample(scenes.split("train", tuple(scenes.COLORS)), recipe.ae_images, recipe.seed))
     optimizer = torch.optim.AdamW(ae.parameters(), lr=recipe.ae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.ae_lr, total_steps=recipe.ae_steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(recipe.seed)
-    z, f = family.autoencoder.z_channels, family.autoencoder.downsample_factor
-    crop, size = recipe.ae_crop, data.shape[-1]
-    positions = list(scenes.POSITIONS)
+    z = family.autoencoder.z_channels
     ae.train()
-    for step in (bar := tqdm(range(recipe.ae_steps), desc="autoencoder", unit="step")):
-        # Crops aligned to the latent grid. Three batches in four are cut around the shape of one position (a random
-        # crop is mostly background); the fourth is cut anywhere, so borders and corners are learnt too.
-        if step % 4:
-            position = positions[int(torch.randint(0, len(positions), (1,), generator=generator))]
-            pool = by_position[position]
-            index = pool[torch.randint(0, len(pool), (recipe.ae_batch,), generator=generator)]
-            cx, cy = (c * size for c in scenes.POSITIONS[position])
-            left, top = (min(max(round((c - crop / 2) / f) * f, 0), size - crop) for c in (cx, cy))
-        else:
-            index = torch.randint(0, len(data), (recipe.ae_batch,), generator=generator)
-            top, left = (torch.randint(0, (size - crop) // f + 1, (2,), generator=generator) * f).tolist()
-        x = data[index, :, top : top + crop, left : left + crop]
+    for _ in (bar := tqdm(range(recipe.ae_steps), desc="autoencoder", unit="step")):
+        x = data[torch.randint(0, len(data), (recipe.ae_batch,), generator=generator)]
         mean, logvar = ae.encoder(x).split(z, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)
         sample = mean + torch.randn(mean.shape, generator=generator) * (0.5 * logvar).exp()
         error = ae.decoder(sample) - x
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
-        loss = error.abs().mean() + error.square().mean() + recipe.ae_kl_weight * kl
+        weight = 1.0 + recipe.ae_edge_weight * edges(x)
+        loss = (weight * (error.abs() + error.square())).mean() / weight.mean() + recipe.ae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Without clipping, the early steps overshoot and training loses hundreds of steps recovering.
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -128,29 +118,10 @@ def train_autoencoder(family: FamilyConfig, recipe: Recipe) -> AutoEncoder:
     return ae
 
 
-def finetune_decoder(ae: AutoEncoder, recipe: Recipe) -> AutoEncoder:
-    """Stage 1b: fine-tune the decoder on whole images, decoding the frozen encoder's posterior mean as inference
-    does. Crops normalise differently from whole pictures (GroupNorm statistics are per image), and the latent
-    space, hence the BatchNorm statistics and everything the DiT learns, stays exactly as it was."""
-    data = render_tensor(scenes.sample(scenes.split("train"), recipe.ae_images, recipe.seed + 3))
-    with torch.no_grad():
-        latents = torch.cat([ae.encode(batch) for batch in data.split(64)])
-    optimizer = torch.optim.AdamW(ae.decoder.parameters(), lr=recipe.decoder_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.decoder_lr, total_steps=recipe.decoder_steps,
-                                                   pct_start=0.05)
-    generator = torch.Generator().manual_seed(recipe.seed + 3)
-    ae.decoder.train().requires_grad_(True)
-    for _ in (bar := tqdm(range(recipe.decoder_steps), desc="decoder", unit="step")):
-        index = torch.randint(0, len(data), (recipe.decoder_batch,), generator=generator)
-        error = ae.decoder(latents[index]) - data[index]
-        loss = error.abs().mean() + error.square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    ae.decoder.eval().requires_grad_(False)
-    return ae
+def edges(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W): 1 where a pixel's 3x3 neighbourhood is not one flat colour, else 0."""
+    spread = F.max_pool2d(images, 3, 1, 1) + F.max_pool2d(-images, 3, 1, 1)
+    return (spread.amax(dim=1, keepdim=True) > 0.05).float()
 
 
 @torch.no_grad()
@@ -214,22 +185,14 @@ def write_pipeline(folder: Path, *, transformer, autoencoder: AutoEncoder, text_
 
 
 def cached_autoencoder(family: FamilyConfig, recipe: Recipe, work: Path) -> AutoEncoder:
-    """Stages 1 and 1b, or their results from `work` if an earlier run of the same recipe left them there."""
-    crops = work / f"autoencoder-{recipe_key(recipe, family.autoencoder, 'ae_')}.safetensors"
-    final = work / f"autoencoder-{recipe_key(recipe, family.autoencoder, ('ae_', 'decoder_'))}.safetensors"
-    if final.exists():
-        return _load_autoencoder(family, final)
-    if crops.exists():
-        ae = _load_autoencoder(family, crops)
-    else:
-        start = time.perf_counter()
-        ae = train_autoencoder(family, recipe)
-        print(f"autoencoder: {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU so far")
-        _save_autoencoder(ae, crops)
+    """Stage 1, or its result from `work` if an earlier run of the same recipe left it there."""
+    path = work / f"autoencoder-{recipe_key(recipe, family.autoencoder, 'ae_')}.safetensors"
+    if path.exists():
+        return _load_autoencoder(family, path)
     start = time.perf_counter()
-    ae = finetune_decoder(ae, recipe)
-    print(f"decoder: {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU so far")
-    _save_autoencoder(ae, final)
+    ae = train_autoencoder(family, recipe)
+    print(f"autoencoder: {time.perf_counter() - start:.0f} s wall, {time.process_time():.0f} s CPU so far")
+    _save_autoencoder(ae, path)
     return ae
 
 
@@ -277,15 +240,14 @@ def train_transformer(family: FamilyConfig, recipe: Recipe, work: Path, *, autoe
     data = work / f"scenes-{recipe.dit_images}-{recipe.seed}"
     if not data.is_dir():
         write_dataset(data, scenes.sample(scenes.split("train"), recipe.dit_images, recipe.seed + 2))
-    # Not keyed by dit_steps: a rerun with more steps resumes from the last checkpoint (the learning rate is constant).
-    # Nor by the decoder's settings: the DiT only ever sees the encoder's latents.
     networks = (family.dit, family.autoencoder, family.text_encoder)
-    run = work / f"transformer-{recipe_key(replace(recipe, dit_steps=0), networks, ('ae_', 'dit_'))}"
+    run = work / f"transformer-{recipe_key(recipe, networks, ('ae_', 'dit_'))}"
     setup = FinetuneSetup(model=str(work / "base"), data=str(data), output=str(run), resolution=scenes.IMAGE_SIZE,
                           buckets=False)
-    config = TrainConfig(mode="full", steps=recipe.dit_steps, learning_rate=recipe.dit_lr,
-                         batch_size=recipe.dit_batch, shift_steps=recipe.dit_shift_steps, seed=recipe.seed,
-                         checkpoint_every=100, base_model="featherflux demo (random init)")
+    config = TrainConfig(mode="full", steps=recipe.dit_steps, learning_rate=recipe.dit_lr, lr_schedule="cosine",
+                         warmup_steps=recipe.dit_warmup, batch_size=recipe.dit_batch,
+                         shift_steps=recipe.dit_shift_steps, seed=recipe.seed, checkpoint_every=100,
+                         base_model="featherflux demo (random init)")
     finetune(setup, config)
     return load_transformer(run / "transformer")
 

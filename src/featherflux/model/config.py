@@ -191,7 +191,7 @@ FAMILIES: dict[str, FamilyConfig] = {
     "demo": FamilyConfig(
         name="demo",
         dit=DiTConfig(
-            in_channels=32,
+            in_channels=64,
             context_in_dim=192,
             hidden_size=128,
             num_heads=4,
@@ -200,7 +200,7 @@ FAMILIES: dict[str, FamilyConfig] = {
             axes_dim=(8, 8, 8, 8),
             guidance_embed=False,
         ),
-        autoencoder=AutoEncoderConfig(channels=(16, 16, 32, 32), num_res_blocks=1, z_channels=8, norm_groups=8),
+        autoencoder=AutoEncoderConfig(channels=(16, 32, 32), num_res_blocks=1, z_channels=16, norm_groups=1),
         text_encoder=TextEncoderConfig(
             arch="qwen3",
             hidden_size=64,
