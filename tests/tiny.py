@@ -29,6 +29,17 @@ KINDS = ("dev", "klein", "klein-base", "klein-kv")
 TEXT_HIDDEN = 16  # text encoder width; the DiT context is 3 x this
 LATENT_CHANNELS = 2  # autoencoder z channels; the DiT sees 4 x this after 2x2 patchify
 
+# A quick pipeline call on the tiny pipelines: 64x64, 2 steps, seeded, tensors out.
+CALL = {
+    "prompt": "a dog is dancing",
+    "height": 64,
+    "width": 64,
+    "num_inference_steps": 2,
+    "seed": 0,
+    "output_type": "pt",
+    "show_progress": False,
+}
+
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     shift=3.0,

@@ -17,17 +17,8 @@ from featherflux.memory.quant import Float8Linear, Int8Linear, quantize
 from featherflux.model.dit import Flux2
 from featherflux.pipeline import load_pipeline
 from featherflux.weights import load_transformer
-from tests.tiny import tiny_pipeline_dir
+from tests.tiny import CALL, tiny_pipeline_dir
 
-CALL = {
-    "prompt": "a dog is dancing",
-    "height": 64,
-    "width": 64,
-    "num_inference_steps": 2,
-    "seed": 0,
-    "output_type": "pt",
-    "show_progress": False,
-}
 PREFIX = "model.diffusion_model."
 
 

@@ -5,17 +5,7 @@ from featherflux.memory import PlacedPromptEncoder, apply_placement
 from featherflux.memory.streaming import StreamedModule
 from featherflux.pipeline import load_pipeline
 from tests.memory.test_placement import small_plan
-from tests.tiny import tiny_pipeline_dir
-
-CALL = {
-    "prompt": "a dog is dancing",
-    "height": 64,
-    "width": 64,
-    "num_inference_steps": 2,
-    "seed": 0,
-    "output_type": "pt",
-    "show_progress": False,
-}
+from tests.tiny import CALL, tiny_pipeline_dir
 
 
 @pytest.fixture(scope="module")
