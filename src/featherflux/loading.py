@@ -151,7 +151,7 @@ def build_family(folder: Path, variant: str, out_layers: tuple[int, ...] | None 
         if out_layers:
             family = dataclasses.replace(family, text_encoder=dataclasses.replace(family.text_encoder,
                                                                                   out_layers=tuple(out_layers)))
-        if variant == "klein-base":
+        if variant == "klein-base" and family.guidance_distilled:  # a distilled family's undistilled sibling
             family = dataclasses.replace(family, name=family.name.replace("klein", "klein-base"),
                                          **{k: v for k, v in defaults.items() if k != "out_layers"})
         elif variant == "klein-kv":
