@@ -236,9 +236,10 @@ def test_named_family_is_recognised_with_its_defaults(tmp_path):
     assert len(ours.prompt_encoder.model.layers) == 3
     theirs = load_diffusers_pipeline(path)
     theirs.set_progress_bar_config(disable=True)
-    a = ours(prompt=PROMPTS, seed=0, output_type="np", show_progress=False).images  # family defaults: 64 px, 8 steps
+    a = ours(prompt=PROMPTS, seed=0, output_type="np", show_progress=False).images  # family defaults: 4 steps, CFG 2
     b = theirs(prompt=PROMPTS, generator=torch.Generator().manual_seed(0), height=64, width=64,
-               num_inference_steps=family.default_steps, max_sequence_length=family.text_encoder.max_length,
+               num_inference_steps=family.default_steps, guidance_scale=family.default_guidance,
+               max_sequence_length=family.text_encoder.max_length,
                text_encoder_out_layers=(1, 2, 3), output_type="np").images
     assert a.shape == (2, 64, 64, 3)
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)

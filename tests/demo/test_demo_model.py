@@ -36,16 +36,17 @@ def test_demo_loads_as_the_demo_family_with_the_real_components(demo):
     assert demo.family == get_family("demo")
     assert isinstance(demo.transformer, Flux2) and isinstance(demo.autoencoder, AutoEncoder)
     assert demo.prompt_encoder.arch == "qwen3" and demo.prompt_encoder.out_layers == (1, 2, 3)
+    assert demo.true_cfg  # klein base's path: the empty prompt's prediction is extrapolated from at guidance 2
 
 
 def test_shipped_demo_still_draws_what_it_is_told(demo):
     prompts = evaluate.heldout_prompts(24)
     generate = evaluate.pipeline_generator(demo)
     report = evaluate.score(generate([p.caption for p in prompts], 0), prompts)
-    # The shipped model draws 100% of colours, backgrounds and positions of 200 held-out captions right and 68.5% of
-    # shapes; a broken RoPE, schedule, latent normalisation or VAE drops all of these towards chance.
+    # The shipped model draws 100% of colours, backgrounds and positions of 200 held-out captions right and 84% of
+    # shapes (64% without CFG); a broken RoPE, schedule, CFG, latent normalisation or VAE drops these towards chance.
     assert min(report.color, report.background, report.position) >= 0.9, report.summary()
-    assert report.adherence >= 0.4, report.summary()
+    assert report.adherence >= 0.6, report.summary()
 
 
 def test_generate_without_model_draws_the_demo(tmp_path):
@@ -66,7 +67,7 @@ def test_freshly_written_demo_pipeline_round_trips(tmp_path):
     write_pipeline(tmp_path / "demo", transformer=transformer, autoencoder=autoencoder,
                    text_encoder=build_text_encoder(family, tokenizer, 0), tokenizer=tokenizer)
     pipe = load_pipeline(tmp_path / "demo")
-    assert pipe.family.name == "demo"
+    assert pipe.family == family  # a klein-base folder of the demo's shapes keeps the demo's own defaults
     for mine, loaded in ((transformer, pipe.transformer), (autoencoder, pipe.autoencoder)):
         theirs = loaded.state_dict()
         assert all(torch.equal(v, theirs[k]) for k, v in mine.state_dict().items())

@@ -8,8 +8,10 @@ Stages (each seeded from the recipe's seed):
   2. text encoder: a randomly initialised Qwen3 at the demo's size, frozen. Captions have a fixed layout (see
      `scenes`), so per-token hidden states already tell every caption apart; nothing needs training.
   3. transformer: full fine-tuning of a freshly initialised demo DiT with `featherflux.lora.train` on rendered
-     scenes of the training split. No caption names the new colour `scenes.NOVEL_COLOR`: the LoRA
-     demonstration teaches it. The autoencoder, a codec like FLUX.2's, sees pictures of every colour.
+     scenes of the training split, one caption in ten dropped to the empty caption, so that the pipeline's true
+     CFG (klein base's, against the empty prompt) has an unconditional prediction to extrapolate from. No caption
+     names the new colour `scenes.NOVEL_COLOR`: the LoRA demonstration teaches it. The autoencoder, a codec like
+     FLUX.2's, sees pictures of every colour.
 The result is written in diffusers' pipeline layout and loads with `load_pipeline` like any FLUX.2 checkpoint.
 """
 
@@ -52,7 +54,7 @@ SCHEDULER_CONFIG = {
 MODEL_INDEX = {
     "_class_name": "Flux2KleinPipeline",
     "_diffusers_version": "0.42.1",
-    "is_distilled": True,
+    "is_distilled": False,  # the demo runs true CFG (see the family config)
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     "text_encoder": ["transformers", "Qwen3ForCausalLM"],
     "tokenizer": ["transformers", "Qwen2TokenizerFast"],
@@ -73,10 +75,11 @@ class Recipe:
     ae_stats_images: int = 512  # scenes the latent BatchNorm statistics are measured on
     dit_images: int = 3000
     dit_steps: int = 6000
-    dit_batch: int = 16
+    dit_batch: int = 32
     dit_lr: float = 1e-3
     dit_warmup: int = 100  # then cosine decay to zero at dit_steps
     dit_shift_steps: int = 8  # timestep sampling follows FLUX.2's schedule shift at this many sampling steps
+    dit_caption_dropout: float = 0.1  # trains the empty-caption prediction that true CFG extrapolates from
 
 
 def render_tensor(pairs: list[tuple[scenes.Scene, int]]) -> torch.Tensor:
@@ -246,8 +249,8 @@ def train_transformer(family: FamilyConfig, recipe: Recipe, work: Path, *, autoe
                           buckets=False)
     config = TrainConfig(mode="full", steps=recipe.dit_steps, learning_rate=recipe.dit_lr, lr_schedule="cosine",
                          warmup_steps=recipe.dit_warmup, batch_size=recipe.dit_batch,
-                         shift_steps=recipe.dit_shift_steps, seed=recipe.seed, checkpoint_every=100,
-                         base_model="featherflux demo (random init)")
+                         shift_steps=recipe.dit_shift_steps, caption_dropout=recipe.dit_caption_dropout,
+                         seed=recipe.seed, checkpoint_every=1000, base_model="featherflux demo (random init)")
     finetune(setup, config)
     return load_transformer(run / "transformer")
 

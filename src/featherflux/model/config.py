@@ -187,7 +187,7 @@ FAMILIES: dict[str, FamilyConfig] = {
         guidance_distilled=True,
     ),
     # FLUX.2 scaled down to 64x64 pictures of flat shapes (featherflux.demo): trained here in minutes on CPU,
-    # klein-style (no guidance embedding, no CFG). Ships inside the package.
+    # klein-base-style (no guidance embedding; true CFG against the empty prompt). Ships inside the package.
     "demo": FamilyConfig(
         name="demo",
         dit=DiTConfig(
@@ -215,8 +215,8 @@ FAMILIES: dict[str, FamilyConfig] = {
             tie_embeddings=True,
         ),
         default_steps=4,
-        default_guidance=1.0,
-        guidance_distilled=True,
+        default_guidance=2.0,
+        guidance_distilled=False,
     ),
 }
 
