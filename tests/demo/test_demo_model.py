@@ -43,10 +43,10 @@ def test_shipped_demo_still_draws_what_it_is_told(demo):
     prompts = evaluate.heldout_prompts(24)
     generate = evaluate.pipeline_generator(demo)
     report = evaluate.score(generate([p.caption for p in prompts], 0), prompts)
-    # The shipped model draws 100% of colours, backgrounds and positions of 200 held-out captions right and 84% of
-    # shapes (64% without CFG); a broken RoPE, schedule, CFG, latent normalisation or VAE drops these towards chance.
+    # The shipped model draws 99.5-100% of colours, backgrounds and positions of 200 held-out captions right and 93%
+    # of shapes (77% without CFG); a broken RoPE, schedule, CFG, latent normalisation or VAE drops these towards chance.
     assert min(report.color, report.background, report.position) >= 0.9, report.summary()
-    assert report.adherence >= 0.6, report.summary()
+    assert report.adherence >= 0.7, report.summary()
 
 
 def test_generate_without_model_draws_the_demo(tmp_path):
