@@ -55,7 +55,7 @@ SCHEDULER_CONFIG = {
 MODEL_INDEX = {
     "_class_name": "Flux2KleinPipeline",
     "_diffusers_version": "0.42.1",
-    "is_distilled": False,  # the demo runs true CFG (see the family config)
+    "is_distilled": get_family("demo").guidance_distilled,
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     "text_encoder": ["transformers", "Qwen3ForCausalLM"],
     "tokenizer": ["transformers", "Qwen2TokenizerFast"],
