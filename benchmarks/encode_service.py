@@ -29,7 +29,7 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny
 
-from featherflux.serve.encoder_client import RemotePromptEncoder  # noqa: E402
+from featherflux.text_encoder.remote import RemotePromptEncoder  # noqa: E402
 from featherflux.serve.encoder_service import create_encoder_app  # noqa: E402
 
 

@@ -433,7 +433,7 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
         file_dit = dit_config_from_file(transformer)
     family = build_family(folder, variant, text_encoder_out_layers, with_text_encoder=local_encoder, dit=file_dit)
     if text_encoder is not None:  # ENC: remote prompt encoding, connected and checked before any weight loads
-        from featherflux.serve.encoder_client import connect_text_encoder
+        from featherflux.text_encoder.remote import connect_text_encoder
 
         prompt_encoder = connect_text_encoder(text_encoder, text_encoder_token, family, prompt_encoder)
     if mmap is None:  # MEM: planned memory-mapping on hosts with little RAM

@@ -25,9 +25,9 @@ import torch
 import uvicorn
 
 from featherflux.errors import UserError
-from featherflux.serve.encoder_client import RemoteEncoderError, RemotePromptEncoder
+from featherflux.text_encoder.remote import RemoteEncoderError, RemotePromptEncoder
 from featherflux.serve.encoder_service import create_encoder_app, load_pipeline_prompt_encoder
-from featherflux.serve.wire import WireError, decode_embeddings, encode_embeddings
+from featherflux.text_encoder.wire import WireError, decode_embeddings, encode_embeddings
 
 DIM = 12
 

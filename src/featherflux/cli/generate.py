@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", help="output PNG (default: featherflux-SEED.png); K > 1 adds -0, -1, ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
-    p.add_argument("--text-encoder", metavar="URL",  # ENC: featherflux.serve.encoder_client
+    p.add_argument("--text-encoder", metavar="URL",  # ENC: featherflux.text_encoder.remote
                    help="encode prompts on a `featherflux encode-server` at URL instead of loading the text encoder "
                         "(token from $FEATHERFLUX_TEXT_ENCODER_TOKEN)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",  # LORA: featherflux.lora

@@ -65,7 +65,7 @@ class ImageService:
         dtype = getattr(torch, settings.dtype) if settings.dtype else None
         placement = dict(settings.placement)
         if settings.text_encoder is not None:
-            from featherflux.serve.encoder_client import RemotePromptEncoder
+            from featherflux.text_encoder.remote import RemotePromptEncoder
 
             placement["prompt_encoder"] = RemotePromptEncoder(settings.text_encoder, settings.text_encoder_token)
         self.pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype, **placement)

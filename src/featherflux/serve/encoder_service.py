@@ -34,7 +34,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from featherflux.serve.wire import MEDIA_TYPE, encode_embeddings
+from featherflux.text_encoder.wire import MEDIA_TYPE, encode_embeddings
 
 log = logging.getLogger(__name__)
 
