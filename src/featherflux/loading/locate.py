@@ -29,7 +29,7 @@ VARIANT_DEFAULTS = {
 
 
 def demo_folder() -> Path:
-    return Path(__file__).parent / "demo" / "weights"
+    return Path(__file__).parent.parent / "demo" / "weights"
 
 
 def resolve_model_path(path_or_repo_id: str | Path) -> tuple[Path, str]:
