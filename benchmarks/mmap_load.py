@@ -18,12 +18,12 @@ from pathlib import Path
 
 CHILD = """
 import sys, time, torch
-from featherflux.memory.dit_file import load_mapped_transformer
+from featherflux.loading.dit import load_mapped_transformer
 from featherflux.weights import load_transformer
 path, mode = sys.argv[1], sys.argv[2]
 start = time.perf_counter()
 if mode == "mmap":
-    from featherflux.memory.dit_file import dit_config_from_file
+    from featherflux.loading.dit import dit_config_from_file
     model = load_mapped_transformer(path, dit_config_from_file(path))
 else:
     model = load_transformer(path)

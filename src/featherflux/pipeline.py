@@ -426,7 +426,7 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
     variant = variant_of(folder)
     local_encoder = prompt_encoder is None and text_encoder is None  # ENC: a remote encoder needs no text_encoder/
     # MEM: a transformer file overrides transformer/; the folder may then lack it (architecture from the file)
-    from featherflux.memory.dit_file import dit_config_from_file, load_dit
+    from featherflux.loading.dit import dit_config_from_file, load_dit
 
     file_dit = None
     if transformer is not None and not (folder / "transformer" / "config.json").is_file():

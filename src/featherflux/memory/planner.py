@@ -192,7 +192,7 @@ def resolve_family(model: str | os.PathLike | FamilyConfig) -> tuple[FamilyConfi
             shapes, quant = gguf_summary(path)
             return family_for_dit_shape(dit_shape_from_keys(shapes)), quant
         if path.suffix == ".safetensors":
-            from featherflux.memory.dit_file import dit_file_kind
+            from featherflux.loading.dit import dit_file_kind
 
             quant = "fp8" if dit_file_kind(path) == "fp8" else None  # BFL's fp8 checkpoints
             return family_for_dit_shape(dit_shape_from_keys(_safetensors_shapes(path))), quant
