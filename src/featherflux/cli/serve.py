@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from featherflux.errors import UserError
-from featherflux.scale.serve_cli import add_ray_arguments, serve_on_ray  # --ray: the scale engineer's
+from featherflux.cli.serve_ray import add_ray_arguments, serve_on_ray  # --ray: the scale engineer's
 
 PLACEMENT = ("vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token")  # passed to load_pipeline when given
 
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ray:  # replicas of this server on Ray Serve (featherflux.scale.serve_cli)
+    if args.ray:  # replicas of this server on Ray Serve (cli/serve_ray.py)
         return serve_on_ray(args)
     from featherflux.pipeline import load_pipeline
 
