@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from featherflux.errors import UserError
 from featherflux.images import open_reference_image, postprocess, reference_tensor
-from featherflux.memory import phase, place_pipeline, require_device, retry_on_oom  # MEM: placement hooks
+from featherflux.loading import load_components
+from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_oom
 from featherflux.model.config import FamilyConfig
 from featherflux.sampling import (
     euler_step,
@@ -415,43 +416,14 @@ def load_pipeline(path_or_repo_id: str | Path, *, device: str | torch.device = "
     `text_encoder="http://host:port"` encodes prompts on a `featherflux encode-server` (featherflux.serve) instead
     of loading `text_encoder/`; `text_encoder_token` is its bearer token ($FEATHERFLUX_TEXT_ENCODER_TOKEN if None).
     """
-    from featherflux.loading import build_family, component, resolve_model_path, variant_of
-    from featherflux.text_encoder import load_prompt_encoder
-    from featherflux.weights import load_autoencoder
-
-    require_device(device)  # MEM
-    placed = torch.device(device).type == "cuda" or any(v is not None for v in (vram, offload, quantize))  # MEM
-    target, device = device, ("cpu" if placed else device)
-    folder, model_id = resolve_model_path(path_or_repo_id)
-    variant = variant_of(folder)
-    local_encoder = prompt_encoder is None and text_encoder is None  # ENC: a remote encoder needs no text_encoder/
-    # MEM: a transformer file overrides transformer/; the folder may then lack it (architecture from the file)
-    from featherflux.loading.dit import dit_config_from_file, load_dit
-
-    file_dit = None
-    if transformer is not None and not (folder / "transformer" / "config.json").is_file():
-        file_dit = dit_config_from_file(transformer)
-    family = build_family(folder, variant, text_encoder_out_layers, with_text_encoder=local_encoder, dit=file_dit)
-    if text_encoder is not None:  # ENC: remote prompt encoding, connected and checked before any weight loads
-        from featherflux.text_encoder.remote import connect_text_encoder
-
-        prompt_encoder = connect_text_encoder(text_encoder, text_encoder_token, family, prompt_encoder)
-    if mmap is None:  # MEM: planned memory-mapping on hosts with little RAM
-        from featherflux.memory import mmap_planned
-
-        mmap = placed and mmap_planned(family, target, vram=vram, ram=ram, offload=offload, quantize=quantize)
-    transformer = load_dit(transformer if transformer is not None else component(folder, "transformer"), family,
-                           device=device, dtype=dtype, mmap=mmap, override=transformer is not None)  # end MEM
-    autoencoder = load_autoencoder(component(folder, "vae"), device=device, dtype=dtype)
-    if prompt_encoder is None:
-        prompt_encoder = load_prompt_encoder(
-            component(folder, "text_encoder"), component(folder, "tokenizer"),
-            out_layers=family.text_encoder.out_layers,
-            family=family.name, model_id=model_id, device=device, dtype=dtype,
-        )
-    pipe = Flux2Pipeline(transformer, autoencoder, prompt_encoder, family, kv_references=variant == "klein-kv",
-                         model_id=model_id, device=target)
-    if placed or embed_cache is not None:  # MEM: plan and place on the target device
-        place_pipeline(pipe, target, vram=vram, ram=ram, offload=offload, quantize=quantize, embed_cache=embed_cache,
-                       mmap=mmap)
+    parts = load_components(
+        path_or_repo_id, device=device, dtype=dtype, prompt_encoder=prompt_encoder,
+        text_encoder_out_layers=text_encoder_out_layers, vram=vram, ram=ram, offload=offload, quantize=quantize,
+        text_encoder=text_encoder, text_encoder_token=text_encoder_token, transformer=transformer, mmap=mmap,
+    )
+    pipe = Flux2Pipeline(parts.transformer, parts.autoencoder, parts.prompt_encoder, parts.family,
+                         kv_references=parts.variant == "klein-kv", model_id=parts.model_id, device=device)
+    if needs_placement(device, vram=vram, offload=offload, quantize=quantize) or embed_cache is not None:
+        place_pipeline(pipe, device, vram=vram, ram=ram, offload=offload, quantize=quantize, embed_cache=embed_cache,
+                       mmap=parts.mmap)
     return pipe

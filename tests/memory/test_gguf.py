@@ -2,10 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from featherflux.memory.gguf import GGUFLinear, dequantize, gguf_summary, load_gguf_transformer
+from featherflux.loading import resolve_family
+from featherflux.loading.dit import load_gguf_transformer
+from featherflux.memory.gguf import GGUFLinear, dequantize
 from featherflux.memory.planner import plan
 from featherflux.model.config import FAMILIES, DiTConfig
 from featherflux.model.dit import Flux2
+from featherflux.weights.gguf import gguf_summary
 from tests.memory.conftest import dit_inputs
 
 gguf = pytest.importorskip("gguf")
@@ -71,7 +74,7 @@ def _write_gguf(path, model, qtype, prefix="model.diffusion_model."):
 @pytest.mark.parametrize("kind", ["Q8_0", "Q5_1", "Q4_0"])
 @torch.no_grad()
 def test_gguf_round_trip_matches_the_dequantised_reference(tmp_path, monkeypatch, kind):
-    from featherflux.memory import planner
+    from featherflux.model import config
 
     family = FAMILIES["klein-4b"].__class__(
         name="gguf-tiny",
@@ -92,7 +95,7 @@ def test_gguf_round_trip_matches_the_dequantised_reference(tmp_path, monkeypatch
         default_guidance=1.0,
         guidance_distilled=True,
     )
-    monkeypatch.setitem(planner.FAMILIES, "gguf-tiny", family)
+    monkeypatch.setitem(config.FAMILIES, "gguf-tiny", family)
     torch.manual_seed(0)
     original = Flux2(GGUF_DIT).to(torch.bfloat16).eval()
     path = tmp_path / "flux-2-tiny-Q.gguf"
@@ -114,7 +117,8 @@ def test_gguf_round_trip_matches_the_dequantised_reference(tmp_path, monkeypatch
     assert err < {"Q8_0": 0.02, "Q5_1": 0.08, "Q4_0": 0.2}[kind]
     shapes, quant = gguf_summary(path)
     assert quant == kind.lower() and shapes["img_in.weight"] == (128, 128)
-    assert plan(path, 8, 16).quantize == kind.lower()
+    family, file_quantization = resolve_family(path)
+    assert plan(family, 8, 16, file_quantization=file_quantization).quantize == kind.lower()
 
 
 def test_bad_gguf_is_a_weights_error(tmp_path):

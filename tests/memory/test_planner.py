@@ -6,8 +6,9 @@ import torch
 
 from featherflux.cli import main
 from featherflux.errors import UserError
+from featherflux.loading import resolve_family
 from featherflux.memory import sizes
-from featherflux.memory.planner import QUALITY_FACTOR, GiB, Hardware, parse_bytes, plan, plans, resolve_family
+from featherflux.memory.planner import QUALITY_FACTOR, GiB, Hardware, parse_bytes, plan, plans
 from featherflux.model.config import FAMILIES
 
 BUDGETS = (8, 12, 16, 24, 48, 80)

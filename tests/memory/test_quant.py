@@ -72,7 +72,7 @@ def test_unknown_mode_is_a_user_error(small_dit):
 def test_bfl_fp8_checkpoint_loads_into_float8_linears(tmp_path):
     from safetensors.torch import save_file
 
-    from featherflux.memory.quant import load_bfl_fp8_transformer
+    from featherflux.loading.dit import load_bfl_fp8_transformer
     from featherflux.model.config import FAMILIES
     from featherflux.model.dit import Flux2
 
@@ -95,9 +95,11 @@ def test_bfl_fp8_checkpoint_loads_into_float8_linears(tmp_path):
     ctx = torch.randn(1, 4, config.context_in_dim).to(torch.bfloat16)
     args = (x, ids, torch.full((1,), 0.5), ctx, torch.zeros(1, 4, 4))
     assert torch.equal(loaded(*args), quantized(*args))
+    from featherflux.loading import resolve_family
     from featherflux.memory.planner import plan
 
-    assert plan(tmp_path / "flux-2-demo-fp8.safetensors", 8, 16).quantize == "fp8"  # planned as the file is
+    family, file_quantization = resolve_family(tmp_path / "flux-2-demo-fp8.safetensors")
+    assert plan(family, 8, 16, file_quantization=file_quantization).quantize == "fp8"  # planned as the file is
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from featherflux.errors import WeightsError
-from featherflux.weights.io import LazyTensor, materialize, open_checkpoint, save_safetensors
+from featherflux.weights.io import LazyTensor, materialize, mmap_safetensors, open_checkpoint, save_safetensors
 
 
 class Net(torch.nn.Module):
@@ -142,3 +142,12 @@ def test_missing_shard_is_named(tmp_path):
     files[-1].unlink()
     with pytest.raises(WeightsError, match=files[-1].name):
         open_checkpoint(tmp_path)
+
+
+def test_mmap_safetensors_reads_lazily(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.randn(3, 4).to(torch.bfloat16), "b": torch.arange(5, dtype=torch.int64)}
+    save_file(tensors, tmp_path / "w.safetensors")
+    mapped = mmap_safetensors(tmp_path / "w.safetensors")
+    assert all(torch.equal(mapped[k], tensors[k]) for k in tensors)

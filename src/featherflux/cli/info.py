@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from featherflux.errors import WeightsError
+from featherflux.loading import build_family, resolve_model_path, variant_of
+from featherflux.loading.dit import dit_config_from_file
+from featherflux.weights.io import safetensors_header
+from featherflux.weights.transformer import family_of
 
 COMPONENTS = ("transformer", "vae", "text_encoder")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -47,31 +49,10 @@ class Tally:
         return {"params": self.params, "bytes": self.bytes, "dtypes": dict(self.dtypes)}
 
 
-def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}}."""
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
-            data_bytes = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-            file_bytes = os.fstat(f.fileno()).st_size
-    except (OSError, struct.error, ValueError, AttributeError, KeyError, TypeError, IndexError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({e})") from None
-    if 8 + size + data_bytes > file_bytes:
-        raise WeightsError(
-            f"{path} is truncated: its header describes {8 + size + data_bytes} bytes but the file has {file_bytes}; "
-            "download it again"
-        )
-    return header
-
-
 def tally(files: list[Path], keep=lambda name: True) -> Tally:
     t = Tally()
     for path in files:
-        for name, entry in read_header(path).items():
+        for name, entry in safetensors_header(path).items():
             if keep(name):
                 begin, end = entry["data_offsets"]
                 t.add(entry["shape"], entry["dtype"], end - begin)
@@ -80,20 +61,13 @@ def tally(files: list[Path], keep=lambda name: True) -> Tally:
 
 def _single_file_family(path: Path) -> str | None:
     """The named family of a BFL transformer file, from its tensor shapes (None if it is not one we know)."""
-    from types import SimpleNamespace
-
-    from featherflux.weights.transformer import config_from_shapes, family_of, strip_bfl_prefix
-
-    shapes = {k: SimpleNamespace(shape=tuple(v["shape"])) for k, v in read_header(path).items()}
     try:
-        return family_of(config_from_shapes(strip_bfl_prefix(shapes), path))
+        return family_of(dit_config_from_file(path))
     except WeightsError:
         return None
 
 
 def summarize(model: str) -> dict:
-    from featherflux.loading import build_family, resolve_model_path, variant_of
-
     if Path(model).is_file():
         out = {"model": model, "components": {"file": tally([Path(model)]).as_dict()}}
         family = _single_file_family(Path(model))

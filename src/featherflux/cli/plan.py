@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from featherflux.loading import resolve_family
 from featherflux.memory.planner import plans
 
 
@@ -22,14 +23,16 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    family, file_quantization = resolve_family(args.model)
     candidates = plans(
-        args.model,
+        family,
         args.vram,
         args.ram,
         height=args.height,
         width=args.width,
         offload=args.offload,
         quantize=args.quantize,
+        file_quantization=file_quantization,
     )
     best = candidates[0]
     if args.json:

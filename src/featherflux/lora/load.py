@@ -1,6 +1,7 @@
 """Attach LoRA/LoKr files to a native FLUX.2 transformer: load, stack, rescale, fuse, unfuse, unload.
 
-These are functions on the transformer (`featherflux.model.dit.Flux2`); `Flux2Pipeline` only delegates to them.
+These are functions on the transformer (`featherflux.model.dit.Flux2`); `Flux2Pipeline` calls them through
+`lora.mixin.LoRAMixin`.
 A targeted `nn.Linear` (or quantized Linear) is swapped for a `LoRALinear` that wraps it; unloading the last adapter
 swaps the original module back, so the model's state dict is unchanged afterwards.
 """
@@ -16,6 +17,7 @@ from torch import nn
 from featherflux.errors import UserError, WeightsError
 from featherflux.lora.formats import LoKrPart, LoRAPart, convert_lora, read_lora_file
 from featherflux.lora.layers import KroneckerPart, LoKrAdapter, LoRAAdapter, LoRALinear
+from featherflux.model.swap import replace_module
 
 
 def load_lora(
@@ -55,7 +57,7 @@ def load_lora(
         wrapped = _resolve(model, module_name)
         if not isinstance(wrapped, LoRALinear):
             wrapped = LoRALinear(wrapped)
-            _set_module(model, module_name, wrapped)
+            replace_module(model, module_name, wrapped)
         wrapped.add_adapter(name, adapter, scale)
     _sources(model)[name] = None if isinstance(path_or_state_dict, dict) else str(path_or_state_dict)
     return name
@@ -128,7 +130,7 @@ def unload_lora(model: nn.Module, name: str | None = None) -> None:
         for adapter in [a for a in module.names if name is None or a == name]:
             module.remove_adapter(adapter)
         if not module.adapters:
-            _set_module(model, module_name, module.base)
+            replace_module(model, module_name, module.base)
     for loaded in list(_sources(model)):
         if name is None or loaded == name:
             del _sources(model)[loaded]
@@ -149,11 +151,6 @@ def _resolve(model: nn.Module, module_name: str) -> nn.Module:
     return module
 
 
-def _set_module(model: nn.Module, module_name: str, module: nn.Module) -> None:
-    parent_name, _, child = module_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _full_shape(parts, target) -> tuple[int, int]:
     part = parts[0]
     out, inp = (part.up.shape[0], part.down.shape[1]) if isinstance(part, LoRAPart) else part.shape()
@@ -165,7 +162,7 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _device(module: nn.Module) -> torch.device:
-    streamer = getattr(module, "streamer", None)  # MEM2: a Linear streamed by sequential offload (memory.streaming)
+    streamer = getattr(module, "streamer", None)  # a Linear streamed by sequential offload (memory.streaming)
     if streamer is not None:  # its weights wait on the host, but the adapter wraps it and runs on the device
         return streamer.device
     return next(module.parameters(), next(module.buffers(), torch.empty(0))).device

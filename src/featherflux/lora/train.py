@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -37,7 +38,9 @@ from featherflux.atomic import atomic_write
 from featherflux.errors import UserError
 from featherflux.lora.formats import to_bfl_state_dict, to_diffusers_state_dict
 from featherflux.lora.layers import LoRAAdapter, LoRALinear
+from featherflux.model.swap import replace_module
 from featherflux.sampling import compute_empirical_mu, image_ids, pack, text_ids
+from featherflux.weights import save_transformer
 
 TRAIN_ADAPTER = "trained"
 # the attention and MLP projections of every block, as diffusers' FLUX.2 scripts train by default
@@ -118,15 +121,13 @@ class CachedDataset:
     @classmethod
     def load(cls, path: Path, key: str = "") -> tuple[CachedDataset, dict[str, Tensor]] | None:
         """The dataset and extra embeddings saved at `path`, or None if missing or made from something else."""
-        from safetensors import safe_open
-
         if not path.is_file():
             return None
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             if meta.get("key") != key:
                 return None
-            n = sum(1 for k in f.keys() if k.startswith("latents."))
+            n = sum(1 for k in f.keys() if k.startswith("latents."))  # noqa: SIM118 (safe_open is not a dict)
             data = cls(
                 [f.get_tensor(f"latents.{i}") for i in range(n)],
                 [f.get_tensor(f"embeds.{i}") for i in range(n)],
@@ -165,8 +166,7 @@ def add_trainable_lora(model: nn.Module, rank: int, alpha: float, targets: tuple
         wrapped.add_adapter(
             TRAIN_ADAPTER, LoRAAdapter(down.to(device.device), up.to(device.device), alpha / rank, trainable=True)
         )
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+        replace_module(model, name, wrapped)
     return len(chosen)
 
 
@@ -268,7 +268,7 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adamw8bit":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # an optional extra (featherflux[quant]), imported only for this optimizer
 
             return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         except (ImportError, AttributeError, RuntimeError) as e:
@@ -375,8 +375,6 @@ def train(
         if config.mode == "lora":
             outputs = save_lora(model, output, config, step)
         else:
-            from featherflux.weights import save_transformer
-
             save_transformer(model, output / "transformer")
             outputs = sorted((output / "transformer").iterdir())
     return TrainResult(step, losses, outputs)

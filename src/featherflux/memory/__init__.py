@@ -5,6 +5,9 @@ The pipeline touches this package in three places only:
 - `phase(pipe, "dit" | "autoencoder")` around denoising and around encoding references / decoding (the text
   encoder's phase is entered by its own wrapper, only when a prompt really has to be encoded);
 - `retry_on_oom(pipe, fn, *args)` around a generation: a device out-of-memory error moves to the next plan.
+Loading asks it two things before any weight is read: whether the pipeline will be placed (`needs_placement`) and
+whether the chosen plan keeps the weights memory-mapped (`mmap_planned`). This package reads no checkpoint: they
+are read by `featherflux.weights`; here components are only placed and shrunk.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from featherflux.memory.gguf import GGUFLinear
 from featherflux.memory.offload import Placement, apply_placement, fallback
 from featherflux.memory.planner import Plan, parse_bytes, plan, plans
 from featherflux.memory.quant import Float8Linear, quantize
+from featherflux.weights.gguf import format_name
 
 __all__ = [
     "CachedPromptEncoder",
@@ -30,12 +34,14 @@ __all__ = [
     "apply_placement",
     "dit_file_quantization",
     "mmap_planned",
+    "needs_placement",
     "parse_bytes",
     "phase",
     "place_pipeline",
     "plan",
     "plans",
     "quantize",
+    "require_device",
     "retry_on_oom",
 ]
 
@@ -62,12 +68,16 @@ def phase(pipe, name: str):
     return placement.phase(name) if placement is not None else contextlib.nullcontext()
 
 
+def needs_placement(device, *, vram=None, offload=None, quantize=None) -> bool:
+    """Whether the planner places the pipeline: always on CUDA; on the host only when a budget or mode is asked for."""
+    return torch.device(device).type == "cuda" or any(v is not None for v in (vram, offload, quantize))
+
+
 def _candidate_plans(family, device, vram, ram, offload, quantize, height, width) -> list[Plan] | None:
     """The plans for `device`, best first, or None when nothing is to be planned (CPU without knobs)."""
-    device = torch.device(device)
-    if not (device.type == "cuda" or vram is not None or offload or quantize):
+    if not needs_placement(device, vram=vram, offload=offload, quantize=quantize):
         return None
-    if device.type != "cuda" and vram is None:
+    if torch.device(device).type != "cuda" and vram is None:
         vram = 1 << 60  # no device budget (the "device" is the host): honour the requested mode only
     return plans(family, vram, ram, height=height, width=width, offload=offload or "auto", quantize=quantize or "auto")
 
@@ -86,11 +96,7 @@ def dit_file_quantization(dit) -> str | None:
             return "fp8"
         if isinstance(m, GGUFLinear):
             gguf_bytes[m.qtype] += m.weight.numel()
-    if not gguf_bytes:
-        return None
-    from featherflux.memory.gguf import _gguf
-
-    return _gguf().GGMLQuantizationType(gguf_bytes.most_common(1)[0][0]).name.lower()
+    return format_name(gguf_bytes.most_common(1)[0][0]) if gguf_bytes else None
 
 
 def require_device(device) -> None:

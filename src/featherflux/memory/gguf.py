@@ -1,39 +1,21 @@
-"""GGUF checkpoints (as ComfyUI-GGUF users have them): quantized blocks kept as they are, dequantised per layer.
+"""GGUF-quantized Linears: the blocks of a GGUF file kept as they are, dequantised per call.
 
 Notable features:
-- city96's FLUX GGUF files store the DiT under BFL's names (`double_blocks.0.img_attn.qkv.weight`, ...), which
-  are our native names; a `model.diffusion_model.` / `diffusion_model.` prefix is stripped if present. GGUF lists
-  dimensions innermost first, so shapes are reversed; ComfyUI's `comfy.gguf.orig_shape.<name>` metadata wins.
+- The file is read by `featherflux.weights.gguf`; the DiT is built from it by `featherflux.loading`.
 - Each quantized Linear becomes a `GGUFLinear` holding the raw block bytes (uint8 rows) and the format id; its
   forward dequantises with torch ops on whatever device the bytes are on, then runs an ordinary matmul in the
   activation dtype. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K have torch kernels; other formats fall back
   to the `gguf` package's numpy dequantiser (CPU only, slow but correct).
-- Unquantized tensors (F32/F16/BF16 norms, small layers) are converted to the model dtype at load time.
 """
 
 from __future__ import annotations
-
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featherflux.errors import WeightsError
-from featherflux.model.config import DiTConfig
-
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-def _gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise WeightsError("reading .gguf files needs the gguf package: pip install gguf") from None
-    return gguf
-
+from featherflux.weights.gguf import gguf_package
 
 # ------------------------------------------------------------------------------------------- torch dequantisers
 # Each takes raw blocks (n_blocks, block_bytes) uint8 and returns (n_blocks, block_size) float32.
@@ -139,7 +121,7 @@ _TORCH_DEQUANT = {
 
 def dequantize(raw: Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """Raw GGUF bytes (rows of uint8 blocks) of format `qtype` -> a tensor of `shape` in `dtype`."""
-    gguf = _gguf()
+    gguf = gguf_package()
     kind = gguf.GGMLQuantizationType(qtype)
     block_bytes = gguf.GGML_QUANT_SIZES[kind][1]
     fn = _TORCH_DEQUANT.get(kind.name)
@@ -159,110 +141,3 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, dequantize(self.weight, self.qtype, (self.out_features, self.in_features), x.dtype))
-
-
-# ------------------------------------------------------------------------------------------------ reading files
-
-
-def _strip(name: str) -> str:
-    for p in PREFIXES:
-        if name.startswith(p):
-            return name[len(p) :]
-    return name
-
-
-def _orig_shapes(reader) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("comfy.gguf.orig_shape."):
-            out[key.removeprefix("comfy.gguf.orig_shape.")] = tuple(int(field.parts[i][0]) for i in field.data)
-    return out
-
-
-def _read(path: Path, mode: str = "r"):
-    gguf = _gguf()
-    try:
-        reader = gguf.GGUFReader(str(path), mode)
-    except Exception as e:  # noqa: BLE001 -- the reader raises ValueError, struct.error, IndexError... on damaged files
-        raise WeightsError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    orig = _orig_shapes(reader)
-    return gguf, reader, orig
-
-
-def gguf_summary(path: str | Path) -> tuple[dict[str, tuple[int, ...]], str | None]:
-    """Tensor shapes (torch order, prefixes stripped) and the most common quantized format, e.g. "q4_k"."""
-    gguf, reader, orig = _read(Path(path))
-    shapes, kinds = {}, Counter()
-    for t in reader.tensors:
-        shapes[_strip(t.name)] = orig.get(t.name, tuple(int(n) for n in reversed(t.shape.tolist())))
-        kind = gguf.GGMLQuantizationType(t.tensor_type)
-        if kind.name not in ("F32", "F16", "BF16"):
-            kinds[kind.name.lower()] += int(t.n_bytes)
-    return shapes, (kinds.most_common(1)[0][0] if kinds else None)
-
-
-def load_gguf_transformer(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    config: DiTConfig | None = None,
-    mmap: bool = False,
-):
-    """A `Flux2` DiT from a GGUF file: quantized Linear weights stay quantized (`GGUFLinear`), the rest in `dtype`.
-
-    `config`: the architecture expected (e.g. the pipeline folder's); None = the named family of the file's shapes.
-    `mmap=True` (host only): quantized blocks stay views of a private (copy-on-write) map of the file."""
-    from featherflux.memory.planner import dit_shape_from_keys, family_for_dit_shape
-    from featherflux.model.dit import Flux2
-
-    path = Path(path)
-    gguf, reader, _ = _read(path, "c" if mmap else "r")
-    shapes, _ = gguf_summary(path)
-    if config is None:
-        config = family_for_dit_shape(dit_shape_from_keys(shapes)).dit
-    with torch.device("meta"):
-        model = Flux2(config)
-    expected = dict(model.state_dict())
-    found = {_strip(t.name): t for t in reader.tensors}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(k for k in set(found) & set(expected) if shapes[k] != tuple(expected[k].shape))
-    if missing or unexpected or misshaped:
-        raise WeightsError(
-            f"{path} does not match the {config.hidden_size}-wide FLUX.2 DiT: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, mis-shaped {misshaped[:5]}"
-        )
-    for name, t in found.items():
-        kind = gguf.GGMLQuantizationType(t.tensor_type)
-        raw = torch.from_numpy(t.data if mmap else np.array(t.data))  # a view of the file map, or a copy out of it
-        shape = tuple(expected[name].shape)
-        if kind.name in ("F32", "F16", "BF16"):
-            value = raw.view(torch.bfloat16) if kind.name == "BF16" else raw
-            _assign(model, name, value.reshape(shape).to(device, dtype))
-            continue
-        module_name = name.removesuffix(".weight")
-        linear = model.get_submodule(module_name)
-        if not isinstance(linear, nn.Linear) or not name.endswith(".weight"):
-            _assign(model, name, dequantize(raw, t.tensor_type, shape, dtype).to(device))
-            continue
-        q = GGUFLinear(
-            linear.in_features,
-            linear.out_features,
-            int(t.tensor_type),
-            raw.shape[-1] if raw.ndim == 2 else raw.numel() // linear.out_features,
-            device="meta",
-        )
-        q.weight = raw.reshape(linear.out_features, -1).to(device)
-        parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
-    return model
-
-
-def _assign(model: nn.Module, name: str, value: Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[attr] = value

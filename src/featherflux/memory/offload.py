@@ -10,24 +10,20 @@ Notable features:
   decoder layers; one that is offloaded also goes back to the host once prompts are encoded.
 - `fallback(pipe, placement)` undoes a placement and applies the next plan with a smaller peak, for the pipeline's
   out-of-memory handler.
-- `mmap_safetensors` maps a checkpoint without reading it: tensors are views of the page cache, so hosts with
-  little RAM can stream weights the kernel pages in on demand. Under a plan with `mmap`, streamed DiT blocks are
-  not pinned and an offloaded component gets its mapped host tensors back after its phase (no copy into RAM).
+- Under a plan with `mmap` (weights memory-mapped by `featherflux.weights.io.mmap_safetensors`), streamed DiT
+  blocks are not pinned and an offloaded component gets its mapped host tensors back after its phase (no copy
+  into RAM).
 """
 
 from __future__ import annotations
 
-import json
-import mmap
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from featherflux.errors import WeightsError
 from featherflux.memory.gguf import GGUFLinear
 from featherflux.memory.planner import Plan
 from featherflux.memory.quant import Float8Linear, Int8Linear, NF4Linear, quantize
@@ -183,45 +179,3 @@ def fallback(pipe, placement: Placement) -> Placement | None:
     if placement.device.type == "cuda":
         torch.cuda.empty_cache()
     return apply_placement(pipe, nxt, placement.device, placement.ledger, rest, placement.host)
-
-
-_ST_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "I32": torch.int32,
-    "I64": torch.int64,
-}
-
-
-def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file as views of a private memory map: nothing is read until touched, and the
-    kernel can drop clean pages under memory pressure (they are re-read from disk when needed again)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    start = 8 + n
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise WeightsError(f"{path}: tensor {key} has dtype {info['dtype']}, which featherflux cannot map")
-        lo, hi = info["data_offsets"]
-        count = (hi - lo) // torch.empty((), dtype=dtype).element_size()
-        flat = (
-            torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + lo)
-            if count
-            else torch.empty(0, dtype=dtype)
-        )
-        out[key] = flat.reshape(info["shape"])
-    return out

@@ -26,7 +26,7 @@ that costs ~4 bytes of device-memory traffic per weight per step, a few percent.
 
 Ranking: expected seconds per image (steps x step time + per-image encoder/decoder work and transfers), scaled
 by a quality factor (1.0 bf16, 1.3 int8/fp8, 1.6 nf4): a quantized plan is chosen only if it is clearly faster
-(or the only one that fits), which keeps the brief's order: resident > model offload > block streaming > quantized.
+(or the only one that fits), so the order of preference is resident > model offload > block streaming > quantized.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+
+import torch
 
 from featherflux.errors import UserError
 from featherflux.memory import sizes
@@ -119,8 +120,6 @@ def detect_hardware() -> Hardware | None:
 
     VRAM is what is free now plus what the CUDA context already holds (the reserve accounts for the context), so
     memory used by other processes is not planned for; on an idle card it is the card's size."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     device = torch.cuda.current_device()
@@ -132,80 +131,6 @@ def detect_hardware() -> Hardware | None:
 
 def host_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-# ---------------------------------------------------------------------------------------------------- families
-
-
-def family_for_dit_shape(shape: tuple[int, int, int]) -> FamilyConfig:
-    """The family whose DiT has this (hidden size, double blocks, single blocks)."""
-    for family in FAMILIES.values():
-        f = family.dit
-        if (f.hidden_size, f.depth, f.depth_single_blocks) == shape:
-            return family
-    raise UserError(f"no known FLUX.2 family has hidden size {shape[0]} and {shape[1]}+{shape[2]} blocks")
-
-
-def dit_shape_from_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int, int]:
-    """Read the DiT shape from BFL key names (the layout of BFL, ComfyUI and city96 GGUF files)."""
-    prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in shapes) else ""
-    if any(k.startswith("diffusion_model.") for k in shapes):
-        prefix = "diffusion_model."
-    try:
-        hidden = shapes[prefix + "img_in.weight"]
-    except KeyError:
-        raise UserError("the checkpoint has no img_in.weight; is it a FLUX.2 transformer in BFL layout?") from None
-    hidden = hidden[0]  # (hidden, in_channels)
-
-    def count(kind: str) -> int:
-        return len({k.split(".")[1] for k in (k[len(prefix) :] for k in shapes) if k.startswith(kind + ".")})
-
-    return hidden, count("double_blocks"), count("single_blocks")
-
-
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-
-
-def resolve_family(model: str | os.PathLike | FamilyConfig) -> tuple[FamilyConfig, str | None]:
-    """A family name, a hub id, a diffusers folder, a BFL .safetensors or a .gguf -> (family, quantization of the file)."""
-    if isinstance(model, FamilyConfig):
-        return model, None
-    text = str(model)
-    path = Path(text).expanduser()
-    if path.exists():
-        if path.is_dir():
-            config = path / "transformer" / "config.json" if (path / "transformer").is_dir() else path / "config.json"
-            if not config.is_file():
-                raise UserError(
-                    f"{path} has no transformer/config.json; give a diffusers folder, a file or a family name"
-                )
-            c = json.loads(config.read_text())
-            shape = (c["num_attention_heads"] * c["attention_head_dim"], c["num_layers"], c["num_single_layers"])
-            return family_for_dit_shape(shape), None
-        if path.suffix == ".gguf":
-            from featherflux.memory.gguf import gguf_summary
-
-            shapes, quant = gguf_summary(path)
-            return family_for_dit_shape(dit_shape_from_keys(shapes)), quant
-        if path.suffix == ".safetensors":
-            from featherflux.loading.dit import dit_file_kind
-
-            quant = "fp8" if dit_file_kind(path) == "fp8" else None  # BFL's fp8 checkpoints
-            return family_for_dit_shape(dit_shape_from_keys(_safetensors_shapes(path))), quant
-        raise UserError(f"cannot plan for {path}: expected a folder, a .safetensors or a .gguf file")
-    key = text.lower().rsplit("/", 1)[-1].removeprefix("flux.2-")
-    for name in FAMILIES:
-        if key in (name, name.removeprefix("flux.2-")):
-            return FAMILIES[name], None
-    if text.count("/") == 1:  # another hub id: plan from its config if it is in the local cache
-        from featherflux.loading import resolve_model_path
-
-        return resolve_family(resolve_model_path(text)[0])
-    raise UserError(f"{text!r} is neither an existing path nor a known model; known families: {', '.join(FAMILIES)}")
 
 
 # ---------------------------------------------------------------------------------------------------- planning
@@ -425,7 +350,7 @@ def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int
 
 
 def plans(
-    model,
+    family: FamilyConfig | str,
     vram: str | float | None = None,
     ram: str | float | None = None,
     *,
@@ -434,11 +359,16 @@ def plans(
     batch: int = 1,
     offload: str | None = "auto",
     quantize: str | None = "auto",
+    file_quantization: str | None = None,
     hardware: Hardware | None = None,
 ) -> list[Plan]:
-    """All candidate plans, best first: the fitting ones ranked by expected time x quality factor, then the rest
-    by peak. `offload` / `quantize` = "auto" lets the planner choose; any other value (None included) fixes it."""
-    family, file_quant = resolve_family(model)
+    """All candidate plans for a family (or a family's name), best first: the fitting ones ranked by expected time x
+    quality factor, then the rest by peak. `offload` / `quantize` = "auto" lets the planner choose; any other value
+    (None included) fixes it. `file_quantization` is the format of a DiT file that is quantized already ("fp8",
+    "q4_k"...); it fixes the quantization. (`featherflux.loading.resolve_family` finds the family of a folder, a
+    file or a hub id.)"""
+    family = _family(family)
+    file_quant = file_quantization
     hw = hardware or detect_hardware()
     if vram is not None or hw is None:
         if vram is None:
@@ -474,6 +404,17 @@ def plans(
     return fitting + sorted((p for p in out if not p.fits), key=lambda p: p.peak_vram_bytes)
 
 
-def plan(model, vram=None, ram=None, **kwargs) -> Plan:
+def plan(family: FamilyConfig | str, vram=None, ram=None, **kwargs) -> Plan:
     """The fastest plan that fits (see `plans`); if none fits, the one with the smallest peak, with `fits=False`."""
-    return plans(model, vram, ram, **kwargs)[0]
+    return plans(family, vram, ram, **kwargs)[0]
+
+
+def _family(family: FamilyConfig | str) -> FamilyConfig:
+    if isinstance(family, FamilyConfig):
+        return family
+    if family not in FAMILIES:
+        raise UserError(
+            f"{family!r} is not a model family ({', '.join(FAMILIES)}); for a folder, a file or a hub id, plan for "
+            "featherflux.loading.resolve_family(...)"
+        )
+    return FAMILIES[family]

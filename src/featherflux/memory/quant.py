@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featherflux.errors import UserError
+from featherflux.model.swap import replace_module
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 NF4_BLOCK = 64
@@ -146,7 +147,7 @@ class NF4Linear(nn.Module):
 
 def _bitsandbytes():
     try:
-        import bitsandbytes
+        import bitsandbytes  # an optional extra (featherflux[quant]), imported only for NF4
     except ImportError:
         raise UserError("NF4 needs bitsandbytes: pip install bitsandbytes") from None
     return bitsandbytes
@@ -154,7 +155,7 @@ def _bitsandbytes():
 
 def nf4_available() -> bool:
     try:
-        import bitsandbytes.functional  # noqa: F401
+        import bitsandbytes.functional  # noqa: F401 -- optional, and it may fail to load on a broken CUDA setup
     except Exception:  # noqa: BLE001 -- a broken CUDA setup raises RuntimeError/OSError from inside bitsandbytes
         return False
     return True
@@ -192,68 +193,5 @@ def quantize(
         else:
             use = fp8_matmul_available(linear.weight.device) if fp8_matmul is None else fp8_matmul
             q = Float8Linear.from_linear(linear, scaled_mm=use)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
-    return model
-
-
-def load_bfl_fp8_transformer(
-    path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    config=None,
-    mmap: bool = False,
-):
-    """A `Flux2` DiT from one of BFL's fp8 checkpoints (e.g. FLUX.2-klein-4b-fp8): each quantized Linear has
-    `weight` (float8_e4m3fn) and `weight_scale` (per row, or one per tensor; `input_scale` is for fp8 activations,
-    not needed for weight-only compute). Quantized Linears become `Float8Linear`s; everything else is cast to `dtype`.
-
-    `config` (a DiTConfig): the architecture expected; None = the named family of the file's shapes. `mmap=True`
-    (host only): fp8 weights, and tensors already in `dtype`, stay views of a private map of the file.
-    """
-    from safetensors import safe_open
-
-    from featherflux.errors import WeightsError
-    from featherflux.memory.offload import mmap_safetensors
-    from featherflux.memory.planner import dit_shape_from_keys, family_for_dit_shape
-    from featherflux.model.dit import Flux2
-
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types and OSError
-        raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
-    read = mmap_safetensors(path).__getitem__ if mmap else handle.get_tensor
-    keys = {k.removeprefix("model.diffusion_model.").removeprefix("diffusion_model."): k for k in handle.keys()}  # noqa: SIM118 -- safe_open is not a dict
-    shapes = {k: tuple(handle.get_slice(v).get_shape()) for k, v in keys.items()}
-    if config is None:
-        config = family_for_dit_shape(dit_shape_from_keys(shapes)).dit
-    with torch.device("meta"):
-        model = Flux2(config)
-    expected = model.state_dict()
-    scaled = {k.removesuffix(".weight_scale") for k in keys if k.endswith(".weight_scale")}
-    extra = {k for k in keys if k.endswith((".weight_scale", ".input_scale"))}
-    missing, unexpected = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected) - extra)
-    misshaped = sorted(k for k in set(expected) & set(keys) if shapes[k] != tuple(expected[k].shape))
-    if missing or unexpected or misshaped:
-        raise WeightsError(
-            f"{path} does not match the FLUX.2 DiT: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"mis-shaped {misshaped[:5]}"
-        )
-    for name in sorted(expected):
-        module_name, _, attr = name.rpartition(".")
-        value = read(keys[name])
-        if module_name in scaled and attr == "weight":
-            linear = model.get_submodule(module_name)
-            q = Float8Linear(
-                linear.in_features, linear.out_features, False, dtype, "meta", scaled_mm=fp8_matmul_available(device)
-            )
-            q.weight = value.to(device, torch.float8_e4m3fn)  # a view of the file map when mmap'd
-            scale = read(keys[module_name + ".weight_scale"]).to(device, torch.float32).reshape(-1)
-            q.weight_scale = scale.expand(linear.out_features).contiguous() if scale.numel() == 1 else scale
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, q)
-        else:
-            module = model.get_submodule(module_name)
-            module._parameters[attr] = nn.Parameter(value.to(device, dtype), requires_grad=False)
+        replace_module(model, name, q)
     return model

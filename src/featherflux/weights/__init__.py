@@ -1,27 +1,19 @@
-"""Checkpoint loading and saving: BFL single files and diffusers-layout folders, both ways.
+"""Every on-disk checkpoint format: diffusers folders and BFL single files both ways, GGUF and BFL fp8 readers.
 
 `load_transformer` / `save_transformer` live in `weights.transformer`, `load_autoencoder` / `save_autoencoder` in
-`weights.autoencoder`; the generic safetensors machinery (`open_checkpoint`, `materialize`) in `weights.io`.
-They are imported on first use so that `import featherflux` stays cheap.
+`weights.autoencoder`, the generic safetensors machinery (`open_checkpoint`, `materialize`, headers, memory maps) in
+`weights.io`, the quantized readers in `weights.gguf` and `weights.fp8`.
 """
 
-from __future__ import annotations
+from featherflux.weights.autoencoder import load_autoencoder, save_autoencoder
+from featherflux.weights.io import materialize, open_checkpoint
+from featherflux.weights.transformer import load_transformer, save_transformer
 
-import importlib
-
-_EXPORTS = {
-    "load_transformer": "featherflux.weights.transformer",
-    "save_transformer": "featherflux.weights.transformer",
-    "load_autoencoder": "featherflux.weights.autoencoder",
-    "save_autoencoder": "featherflux.weights.autoencoder",
-    "open_checkpoint": "featherflux.weights.io",
-    "materialize": "featherflux.weights.io",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'featherflux.weights' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__ = [
+    "load_autoencoder",
+    "load_transformer",
+    "materialize",
+    "open_checkpoint",
+    "save_autoencoder",
+    "save_transformer",
+]

@@ -7,6 +7,9 @@ Design:
 - Key maps (`featherflux.weights.transformer`, `.autoencoder`) turn a checkpoint into `{native name: LazyTensor}`:
   a shape, a dtype and a thunk. Renames and fused-projection concats stay lazy, so shapes are checked before any
   data is read.
+- `safetensors_header` and `mmap_safetensors` read a file without safetensors' reader: the header alone (shapes and
+  dtypes for detecting a file's kind and architecture), or every tensor as a view of a private memory map (nothing
+  is read until touched, and the kernel can drop clean pages under memory pressure).
 - `materialize` checks every key and shape against a model built on the meta device, reports all problems in one
   `WeightsError`, then loads tensor by tensor straight to the target device and dtype. RAM holds at most one
   checkpoint tensor beyond the model itself.
@@ -17,7 +20,9 @@ Design:
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,7 @@ from tqdm import tqdm
 
 from featherflux.atomic import atomic_write
 from featherflux.errors import WeightsError
+from featherflux.model.swap import assign_tensor
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -47,6 +53,61 @@ _SAFETENSORS_DTYPES = {
 
 DEFAULT_MAX_SHARD_BYTES = 10 * 10**9  # diffusers' default "10GB"
 _LIST_LIMIT = 10  # keys shown per kind of problem in a loading error
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a larger "length" means the file is not safetensors
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a .safetensors file (with `__metadata__`), and the offset where tensor data starts."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > _MAX_HEADER_BYTES:
+                raise ValueError("header too large")
+            header = json.loads(f.read(size))
+            file_bytes = os.fstat(f.fileno()).st_size
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        data_bytes = max((v["data_offsets"][1] for v in entries.values()), default=0)
+    except (OSError, struct.error, ValueError, AttributeError, KeyError, TypeError, IndexError) as e:
+        raise WeightsError(f"{path} is not a readable .safetensors file ({e})") from None
+    if 8 + size + data_bytes > file_bytes:
+        raise WeightsError(
+            f"{path} is truncated: its header describes {8 + size + data_bytes} bytes but the file has {file_bytes}; "
+            "download it again"
+        )
+    return header, 8 + size
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """`{name: {"dtype", "shape", "data_offsets"}}` of a .safetensors file, from its header alone."""
+    header, _ = _read_header(Path(path))
+    header.pop("__metadata__", None)
+    return header
+
+
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v["shape"]) for k, v in safetensors_header(path).items()}
+
+
+def mmap_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file as views of a private (copy-on-write) memory map: nothing is read until touched,
+    and the kernel can drop clean pages under memory pressure (they are re-read from disk when needed again)."""
+    path = Path(path)
+    header, start = _read_header(path)
+    header.pop("__metadata__", None)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out = {}
+    for key, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {key} has dtype {info['dtype']}, which featherflux cannot map")
+        lo, hi = info["data_offsets"]
+        count = (hi - lo) // dtype.itemsize
+        if not count:  # frombuffer refuses empty tensors
+            out[key] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        out[key] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start + lo).reshape(info["shape"])
+    return out
 
 
 @dataclass(frozen=True)
@@ -56,6 +117,10 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+
+
+def read_tensor(t: torch.Tensor | LazyTensor) -> torch.Tensor:
+    return t.load() if isinstance(t, LazyTensor) else t
 
 
 class Checkpoint:
@@ -194,6 +259,25 @@ def _numel(shape) -> int:
     return n
 
 
+def check_keys(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str | os.PathLike) -> None:
+    """One `WeightsError` listing every missing, unexpected and mis-shaped key of `shapes` against `model`'s state."""
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    misshaped = [
+        f"{k}: checkpoint {tuple(shape)}, model {tuple(expected[k].shape)}"
+        for k, shape in shapes.items()
+        if k in expected and tuple(shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        raise WeightsError(
+            _message(
+                f"{source} does not fit the {type(model).__name__} being loaded:",
+                [("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)],
+            )
+        )
+
+
 def materialize(
     model: torch.nn.Module,
     named_tensors: Mapping[str, torch.Tensor | LazyTensor],
@@ -213,35 +297,16 @@ def materialize(
     buffers: there would be nothing to fill them from.
     """
     expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in named_tensors]
-    unexpected = [k for k in named_tensors if k not in expected]
-    misshaped = [
-        f"{k}: checkpoint {tuple(t.shape)}, model {tuple(expected[k].shape)}"
-        for k, t in named_tensors.items()
-        if k in expected and tuple(t.shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or misshaped:
-        raise WeightsError(
-            _message(
-                f"{source} does not fit the {type(model).__name__} being loaded:",
-                [("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)],
-            )
-        )
+    check_keys(model, {k: tuple(t.shape) for k, t in named_tensors.items()}, source)
     dtype = dtype or _default_dtype(named_tensors)
-    modules = dict(model.named_modules())
     for name in tqdm(list(expected), desc=f"loading {Path(source).name}", unit="tensor", disable=None, leave=False):
         source_tensor = named_tensors[name]
-        tensor = source_tensor.load() if isinstance(source_tensor, LazyTensor) else source_tensor
+        tensor = read_tensor(source_tensor)
         if tensor.dtype.is_floating_point:
             tensor = tensor.to(device=device, dtype=torch.float32 if name in keep_fp32 else dtype)
         else:
             tensor = tensor.to(device=device)
-        module_name, _, attr = name.rpartition(".")
-        module = modules[module_name]
-        if attr in module._parameters:
-            module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
-        else:
-            module._buffers[attr] = tensor
+        assign_tensor(model, name, tensor, requires_grad=expected[name].requires_grad)
         del tensor, source_tensor
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:

@@ -12,14 +12,23 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from featherflux.errors import WeightsError
-from featherflux.model.config import FAMILIES, DiTConfig
+from featherflux.model.config import FAMILIES, DiTConfig, FamilyConfig
 from featherflux.model.dit import Flux2
-from featherflux.weights.io import DEFAULT_MAX_SHARD_BYTES, LazyTensor, materialize, open_checkpoint, save_safetensors
+from featherflux.weights.io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    LazyTensor,
+    materialize,
+    open_checkpoint,
+    read_tensor,
+    save_safetensors,
+)
 
 # native name -> diffusers name
 GLOBAL_RENAMES = {
@@ -62,6 +71,7 @@ SINGLE_RENAMES = {  # under single_blocks.{i}. <-> single_transformer_blocks.{i}
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 DIFFUSERS_CLASS = "Flux2Transformer2DModel"
+T = TypeVar("T")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -70,13 +80,9 @@ def _block_indices(keys, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
 
 
-def _read(t: torch.Tensor | LazyTensor) -> torch.Tensor:
-    return t.load() if isinstance(t, LazyTensor) else t
-
-
 def _concat(parts: list[torch.Tensor | LazyTensor]) -> LazyTensor:
     shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-    return LazyTensor(shape, parts[0].dtype, lambda: torch.cat([_read(p) for p in parts]))
+    return LazyTensor(shape, parts[0].dtype, lambda: torch.cat([read_tensor(p) for p in parts]))
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,7 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 def _swapped(t: torch.Tensor | LazyTensor) -> LazyTensor:
-    return LazyTensor(tuple(t.shape), t.dtype, lambda: _swap_halves(_read(t)))
+    return LazyTensor(tuple(t.shape), t.dtype, lambda: _swap_halves(read_tensor(t)))
 
 
 def _name_table(double: list[int], single: list[int]) -> dict[str, str | tuple[str, ...]]:
@@ -141,7 +147,8 @@ def native_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def strip_bfl_prefix(tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+def strip_bfl_prefix(tensors: dict[str, T]) -> dict[str, T]:
+    """Names without the `model.diffusion_model.` / `diffusion_model.` prefix of BFL, ComfyUI and GGUF files."""
     for prefix in BFL_PREFIXES:
         if any(k.startswith(prefix) for k in tensors):
             return {k.removeprefix(prefix): v for k, v in tensors.items()}
@@ -206,8 +213,24 @@ def config_to_diffusers(config: DiTConfig) -> dict:
     }
 
 
-def config_from_shapes(tensors: dict[str, LazyTensor], source: str | os.PathLike) -> DiTConfig:
-    """Infer a DiTConfig from native tensor shapes (RoPE axes and theta are not in the weights: FLUX.2's)."""
+def _shape(t) -> tuple[int, ...]:
+    return tuple(t.shape) if hasattr(t, "shape") else tuple(t)
+
+
+def dit_outline(tensors: Mapping[str, object], source: str | os.PathLike) -> tuple[int, int, int]:
+    """(hidden size, double blocks, single blocks) from native names and shapes (tensors, `LazyTensor`s or shape
+    tuples): all it takes to tell the FLUX.2 families apart."""
+    if "img_in.weight" not in tensors:
+        raise WeightsError(
+            f"{source} does not look like a FLUX.2 transformer (no img_in.weight); expected a BFL flux2/klein "
+            ".safetensors or .gguf file or a diffusers transformer folder"
+        )
+    hidden = _shape(tensors["img_in.weight"])[0]
+    return hidden, len(_block_indices(tensors, "double_blocks.")), len(_block_indices(tensors, "single_blocks."))
+
+
+def config_from_shapes(tensors: Mapping[str, object], source: str | os.PathLike) -> DiTConfig:
+    """Infer a DiTConfig from native names and shapes (RoPE axes and theta are not in the weights: FLUX.2's)."""
     required = ["img_in.weight", "txt_in.weight", "time_in.in_layer.weight", "double_blocks.0.img_mlp.2.weight"]
     absent = [k for k in required if k not in tensors]
     if absent:
@@ -215,31 +238,48 @@ def config_from_shapes(tensors: dict[str, LazyTensor], source: str | os.PathLike
             f"{source} does not look like a FLUX.2 transformer (no {', '.join(absent)}); expected a BFL "
             "flux2/klein .safetensors file or a diffusers transformer folder"
         )
-    hidden, in_channels = tensors["img_in.weight"].shape
-    head_dim = tensors["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
-    mlp_hidden = tensors["double_blocks.0.img_mlp.2.weight"].shape[1]
+    hidden, depth, depth_single = dit_outline(tensors, source)
+    in_channels = _shape(tensors["img_in.weight"])[1]
+    head_dim = _shape(tensors["double_blocks.0.img_attn.norm.query_norm.scale"])[0]
+    mlp_hidden = _shape(tensors["double_blocks.0.img_mlp.2.weight"])[1]
     mlp_ratio = mlp_hidden / hidden
     if int(hidden * mlp_ratio) != mlp_hidden:
         mlp_ratio = (mlp_hidden + 0.5) / hidden
     try:
         return DiTConfig(
             in_channels=in_channels,
-            context_in_dim=tensors["txt_in.weight"].shape[1],
+            context_in_dim=_shape(tensors["txt_in.weight"])[1],
             hidden_size=hidden,
             num_heads=hidden // head_dim,
-            depth=len(_block_indices(tensors, "double_blocks.")),
-            depth_single_blocks=len(_block_indices(tensors, "single_blocks.")),
+            depth=depth,
+            depth_single_blocks=depth_single,
             mlp_ratio=mlp_ratio,
             axes_dim=(head_dim // 4,) * 4,
             guidance_embed="guidance_in.in_layer.weight" in tensors,
-            timestep_dim=tensors["time_in.in_layer.weight"].shape[1],
+            timestep_dim=_shape(tensors["time_in.in_layer.weight"])[1],
         )
     except ValueError as e:
         raise WeightsError(f"{source}: tensor shapes give an inconsistent transformer: {e}") from e
 
 
 def family_of(config: DiTConfig) -> str | None:
-    return next((name for name, family in FAMILIES.items() if family.dit == config), None)
+    """The named family with this architecture (RoPE settings are not compared: weights do not carry them)."""
+    return next((name for name, family in FAMILIES.items() if _same_architecture(family.dit, config)), None)
+
+
+def family_with_outline(outline: tuple[int, int, int]) -> FamilyConfig:
+    """The named family whose DiT has this (hidden size, double blocks, single blocks)."""
+    for family in FAMILIES.values():
+        if (family.dit.hidden_size, family.dit.depth, family.dit.depth_single_blocks) == outline:
+            return family
+    hidden, depth, depth_single = outline
+    raise WeightsError(f"no known FLUX.2 family has hidden size {hidden} and {depth}+{depth_single} blocks")
+
+
+def known_config(config: DiTConfig) -> DiTConfig:
+    """The named family's config when `config` is its architecture (so its RoPE settings apply), else `config`."""
+    name = family_of(config)
+    return FAMILIES[name].dit if name else config
 
 
 def describe(config: DiTConfig) -> str:
