@@ -43,6 +43,20 @@ def open_reference_image(path: str | os.PathLike) -> Image.Image:
         ) from None
 
 
+def _shrunk(width: int, height: int) -> tuple[int, int]:
+    if width * height <= REFERENCE_MAX_AREA:
+        return width, height
+    scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
+    return int(width * scale), int(height * scale)
+
+
+def reference_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
+    """(width, height) of a reference of this size once preprocessed (`reference_tensor`): the output size of an
+    edit that gives no size."""
+    width, height = _shrunk(width, height)
+    return width // multiple * multiple, height // multiple * multiple
+
+
 def reference_tensor(image: Image.Image, name: str, multiple: int = 16) -> Tensor:
     """A reference picture -> (1, 3, H, W) in [-1, 1], preprocessed exactly like diffusers' FLUX.2 pipelines."""
     width, height = image.size
@@ -50,11 +64,9 @@ def reference_tensor(image: Image.Image, name: str, multiple: int = 16) -> Tenso
         raise UserError(f"reference image {name} is {width}x{height}; both sides must be >= {REFERENCE_MIN_SIDE} px")
     if max(width, height) > REFERENCE_MAX_ASPECT * min(width, height):
         raise UserError(f"reference image {name} is {width}x{height}; the aspect ratio must be at most 8:1")
-    if width * height > REFERENCE_MAX_AREA:
-        scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
-        image = image.resize((int(width * scale), int(height * scale)), Image.Resampling.LANCZOS)
-        width, height = image.size
-    width, height = width // multiple * multiple, height // multiple * multiple
+    if _shrunk(width, height) != (width, height):
+        image = image.resize(_shrunk(width, height), Image.Resampling.LANCZOS)
+    width, height = reference_size(width, height, multiple)
     left, top = (image.width - width) // 2, (image.height - height) // 2
     image = image.convert("RGB").crop((left, top, left + width, top + height))
     pixels = torch.from_numpy(np.array(image).astype(np.float32) / 255.0).permute(2, 0, 1)[None]

@@ -1,4 +1,4 @@
-"""FLUX.2 sampling math: the timestep schedule, position ids, latent packing, the initial noise and the Euler step.
+"""FLUX.2 sampling: the timestep schedule, position ids, latent packing, the initial noise and the denoising loops.
 
 Design choices:
 - The schedule is a plain tensor of N+1 sigmas (last one 0); there is no scheduler object with state.
@@ -7,6 +7,8 @@ Design choices:
   dependent mu computed in fp32, and Euler updates done in fp32 and cast back to the velocity's dtype.
 - Position ids are (T, H, W, L) per token. Text runs along L; the generated image sits at T=0; reference image i
   (0-based) at T=10*(i+1). Ids are identical across the batch, so builders return (N, 4) and callers expand.
+- The loops (`denoise`, and `denoise_kv` for klein-9b-kv) are plain functions over tensors and a DiT, as in BFL's
+  reference; the pipeline only prepares their inputs. They never read a value back from the device.
 - Noise is drawn like diffusers' `randn_tensor`: on the generator's device (CPU), directly in the requested dtype,
   in the patchified (B, C, H/16, W/16) layout; a list of generators draws one sample per generator.
 """
@@ -14,10 +16,12 @@ Design choices:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 REFERENCE_TIME_STEP = 10  # T offset between reference images (10, 20, 30, ...)
 
@@ -103,3 +107,94 @@ def initial_noise(
         return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator])
     device = generator.device if generator is not None else "cpu"
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+# the denoising loops
+
+# Called after every step with (step, timestep x 1000, latents, prompt embeddings); returns the (possibly
+# replaced) latents and embeddings, as diffusers' `callback_on_step_end` may.
+StepCallback = Callable[[int, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _timestep(sigma: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+    # diffusers rounds the timestep through the latents' dtype before dividing by 1000
+    return (sigma * 1000).expand(batch).to(dtype) / 1000
+
+
+def _steps(sigmas: Tensor, progress: bool):
+    return tqdm(range(len(sigmas) - 1), desc="denoising", disable=not progress, leave=False)
+
+
+def denoise(
+    dit: nn.Module,
+    latents: Tensor,
+    sigmas: Tensor,
+    *,
+    x_ids: Tensor,
+    ctx: Tensor,
+    ctx_ids: Tensor,
+    guidance: Tensor | None = None,
+    ref_tokens: Tensor | None = None,
+    ref_ids: Tensor | None = None,
+    negative_ctx: Tensor | None = None,
+    cfg_scale: float = 1.0,
+    on_step: StepCallback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Euler steps from noise to clean packed latents (B, N, C), in the latents' dtype.
+
+    x_ids (N, 4), ctx (B, L, ctx_dim), ctx_ids (L, 4); `guidance` (B,) goes into the DiT's guidance embedding (dev).
+    Reference tokens (B, R, C) with ids (R, 4) are appended after the noisy ones and only the noisy tokens' velocity
+    is kept. With `negative_ctx`, true classifier-free guidance: v = v_neg + cfg_scale * (v - v_neg).
+    """
+    dtype = next(dit.parameters()).dtype
+    batch, num_img = latents.shape[:2]
+    ids = (x_ids if ref_ids is None else torch.cat([x_ids, ref_ids]))[None].expand(batch, -1, -1)
+    ctx_ids = ctx_ids[None].expand(batch, -1, -1)
+    negative_ids = None if negative_ctx is None else text_ids(negative_ctx.shape[1]).to(latents.device)[None]
+    for i in _steps(sigmas, progress):
+        t = _timestep(sigmas[i], batch, latents.dtype)
+        x = latents.to(dtype)
+        if ref_tokens is not None:
+            x = torch.cat([x, ref_tokens.to(dtype)], dim=1)
+        v = dit(x, ids, t, ctx.to(dtype), ctx_ids, guidance)[:, :num_img]
+        if negative_ctx is not None:
+            v_neg = dit(x, ids, t, negative_ctx.to(dtype), negative_ids, None)[:, :num_img]
+            v = v_neg + cfg_scale * (v - v_neg)
+        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if on_step is not None:
+            latents, ctx = on_step(i, sigmas[i] * 1000, latents, ctx)
+    return latents
+
+
+def denoise_kv(
+    dit: nn.Module,
+    latents: Tensor,
+    sigmas: Tensor,
+    *,
+    x_ids: Tensor,
+    ctx: Tensor,
+    ctx_ids: Tensor,
+    ref_tokens: Tensor,
+    ref_ids: Tensor,
+    on_step: StepCallback | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """`denoise` for klein-9b-kv: the first step runs [reference, noisy] tokens and keeps every block's reference
+    K/V; later steps run the noisy tokens only, with the cached K/V joining every attention."""
+    dtype = next(dit.parameters()).dtype
+    batch = latents.shape[0]
+    kv_cache = None
+    for i in _steps(sigmas, progress):
+        t = _timestep(sigmas[i], batch, latents.dtype)
+        x = latents.to(dtype)
+        if kv_cache is None:
+            x = torch.cat([ref_tokens.to(dtype), x], dim=1)
+            ids = torch.cat([ref_ids, x_ids])[None].expand(batch, -1, -1)
+            v, kv_cache = dit.forward_kv_extract(x, ids, t, ctx.to(dtype), ctx_ids[None], ref_tokens.shape[1])
+        else:
+            v = dit.forward_kv_cached(x, x_ids[None], t, ctx.to(dtype), ctx_ids[None], kv_cache)
+        latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if on_step is not None:
+            latents, ctx = on_step(i, sigmas[i] * 1000, latents, ctx)
+    return latents

@@ -82,7 +82,7 @@ def test_openai_client_edit_sends_one_or_many_references(server):
 @pytest.mark.parametrize(
     "body, param",
     [
-        ({"prompt": "x", "size": "100x100"}, "size"),
+        ({"prompt": "x", "size": "100x40"}, "size"),
         ({"prompt": "x", "size": "big"}, "size"),
         ({"prompt": "x", "size": "64x64", "n": 9}, "n"),
         ({"prompt": "x", "size": "64x64", "steps": 0}, "steps"),
@@ -244,7 +244,7 @@ def test_sixteen_concurrent_clients_each_get_their_own_picture(tmp_path):
 
 
 def test_metrics_report_device_memory_when_cuda_is_there(tmp_path, monkeypatch):
-    from featherflux.serve.api import prometheus_text
+    from featherflux.serve.metrics import prometheus_text
     from featherflux.serve.queue import JobQueue
 
     for name, value in [

@@ -66,7 +66,7 @@ def test_openai_client_over_the_tiny_pipeline_sixteen_clients_batched(tiny_dir, 
             results = list(pool.map(one, range(16)))
         stored = sorted(tmp_path.glob("*.png"))
         assert len(stored) == 17
-        assert read_png_parameters(stored[0])["num_inference_steps"] == 2
+        assert read_png_parameters(stored[0])["steps"] == 2
         assert read_png_parameters(stored[0])["model"] == pipe.model_id
     for i in range(16):  # every client got the picture its own prompt and seed make alone (batching changes no pixel
         expected = alone(pipe, f"a cat holding a sign {i}", 100 + i, 2)  # beyond float rounding)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from featherflux.cli.generate import DTYPES
+from featherflux.cli.options import add_device
 from featherflux.errors import UserError
 
 
@@ -18,8 +16,7 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send (no auth without)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
+    add_device(p)
     p.add_argument("--cache-mb", type=int, default=1024, help="embedding cache size in MiB (0 turns it off)")
     p.add_argument("--max-batch", type=int, default=32, help="most prompts encoded in one encoder call")
     p.set_defaults(func=run)
@@ -36,6 +33,7 @@ def read_token(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the serve extra (fastapi, uvicorn) is optional: imported only to serve
     from featherflux.serve.encoder_service import load_pipeline_prompt_encoder, run_encoder_server
 
     if args.cache_mb < 0 or args.max_batch < 1:
@@ -43,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     token = read_token(args.token_file) if args.token_file else None
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"featherflux: warning: serving on {args.host} without --token-file; anyone who can reach it may use it")
-    encoder = load_pipeline_prompt_encoder(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+    encoder = load_pipeline_prompt_encoder(args.model, device=args.device, dtype=args.dtype)
     print(
         f"featherflux: encoding for {encoder.family} ({encoder.model_id}) on http://{args.host}:{args.port}/v1/encode",
         flush=True,

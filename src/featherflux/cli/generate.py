@@ -1,7 +1,8 @@
 """`featherflux generate PROMPT [--model M] [--image REF]... [-o OUT.png]`: text to image, or editing from references.
 
-Each PNG carries what reproduces it (prompt, model, seed, size, steps, guidance, references) in text chunks; with
-`--num-images K`, image i is seeded `seed + i`, so any one of them can be re-made alone with its own seed.
+Each PNG carries what reproduces it (prompt, model, seed, size, steps, guidance, references, LoRAs) in text chunks
+(`featherflux.request.ImageParameters`); with `--num-images K`, image i is seeded `seed + i`, so any one of them can
+be re-made alone with its own seed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import torch
 
+from featherflux.cli.options import add_device, add_placement, add_text_encoder, pipeline_options
 from featherflux.errors import UserError
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from featherflux.images import open_reference_image, save_png
+from featherflux.loading import demo_folder
+from featherflux.pipeline import load_pipeline
+from featherflux.request import MAX_REFERENCES, MIN_SIDE, floor_size
 
 
 def register(subparsers) -> None:
@@ -32,18 +36,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the PNG)")
     p.add_argument("--num-images", type=int, default=1, metavar="K")
     p.add_argument("-o", "--output", help="output PNG (default: featherflux-SEED.png); K > 1 adds -0, -1, ...")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
-    p.add_argument("--text-encoder", metavar="URL",  # ENC: featherflux.text_encoder.remote
-                   help="encode prompts on a `featherflux encode-server` at URL instead of loading the text encoder "
-                        "(token from $FEATHERFLUX_TEXT_ENCODER_TOKEN)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",  # LORA: featherflux.lora
+    add_device(p)
+    add_text_encoder(p)
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    type=parse_lora_arg, help="apply a LoRA file (any common format) at SCALE (default 1); repeatable")
-    # MEM: featherflux.memory placement (see `featherflux plan`)
-    p.add_argument("--vram", help="device memory budget, e.g. 24 or 24GiB (default: the CUDA device's)")
-    p.add_argument("--ram", help="host memory budget (default: this machine's)")
-    p.add_argument("--offload", choices=["model", "blocks", "sequential"], help="fix the placement (default: planned)")
-    p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], help="fix the quantization (default: planned)")
+    add_placement(p)
     p.add_argument("--embed-cache", metavar="DIR",
                    help="keep prompt embeddings on disk; a repeated prompt skips the text encoder")
     p.add_argument("--transformer", metavar="FILE",
@@ -55,7 +52,7 @@ def register(subparsers) -> None:
 
 
 def parse_lora_arg(value: str) -> tuple[str, float]:
-    """FILE or FILE:SCALE (LORA); a colon that is not followed by a number belongs to the path."""
+    """FILE or FILE:SCALE; a colon that is not followed by a number belongs to the path."""
     path, _, scale = value.rpartition(":")
     try:
         return (path, float(scale)) if path else (value, 1.0)
@@ -77,17 +74,13 @@ def _note(message, category, filename, lineno, file=None, line=None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from featherflux.images import open_reference_image, save_png
-    from featherflux.loading import demo_folder
-    from featherflux.pipeline import MAX_REFERENCES, MIN_SIDE, check_size, load_pipeline
-
     # bad numbers, sizes and reference counts fail before the model loads (a side not given is only known after)
     if args.num_images < 1 or (args.steps is not None and args.steps < 1):
         raise UserError(f"--num-images and --steps must be >= 1, got {args.num_images} and {args.steps}")
     if len(args.image) > MAX_REFERENCES:
         raise UserError(f"{len(args.image)} --image references given; at most {MAX_REFERENCES} are supported")
     if args.width is not None or args.height is not None:
-        check_size(MIN_SIDE if args.height is None else args.height, MIN_SIDE if args.width is None else args.width)
+        floor_size(MIN_SIDE if args.height is None else args.height, MIN_SIDE if args.width is None else args.width)
     model = args.model
     if model is None:
         if not (demo_folder() / "model_index.json").is_file():
@@ -100,40 +93,32 @@ def run(args: argparse.Namespace) -> int:
         warnings.showwarning = _note
         warnings.simplefilter("default", UserWarning)
         try:
-            pipe = load_pipeline(model, device=args.device, dtype=DTYPES.get(args.dtype),
-                                 text_encoder=args.text_encoder,  # ENC
-                                 vram=args.vram, ram=args.ram, offload=args.offload, quantize=args.quantize,  # MEM
-                                 embed_cache=args.embed_cache, transformer=args.transformer, mmap=args.mmap)  # MEM
-            if pipe.placement is not None:  # MEM
+            pipe = load_pipeline(model, embed_cache=args.embed_cache, transformer=args.transformer, mmap=args.mmap,
+                                 **pipeline_options(args))
+            if pipe.placement is not None:
                 print(f"featherflux: memory plan: {pipe.placement.plan.explanation}", file=sys.stderr)
-            for lora_path, lora_scale in args.lora:  # LORA
+            for lora_path, lora_scale in args.lora:
                 pipe.load_lora(lora_path, scale=lora_scale)
-            steps = args.steps or pipe.family.default_steps
-            guidance = pipe.family.default_guidance if args.guidance is None else args.guidance
-            images = pipe(
-                prompt=args.prompt,
+            request = pipe.request(
+                args.prompt,
                 image=references or None,
                 width=args.width,
                 height=args.height,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
                 generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)],
                 num_images_per_prompt=args.num_images,
-            ).images
+            )
+            images = pipe.generate(request)
             for i, (image, path) in enumerate(zip(images, paths)):
-                parameters = {
-                    "prompt": args.prompt,
-                    "model": str(model),
-                    "seed": seed + i,
-                    "width": image.width,
-                    "height": image.height,
-                    "steps": steps,
-                    "guidance": guidance,
-                    "references": [str(p) for p in args.image],
-                    "loras": [f"{p}:{w}" for p, w in args.lora],  # LORA
-                    "software": "featherflux",
-                }
-                save_png(image, path, parameters)
+                parameters = request.image_parameters(
+                    prompt=args.prompt,
+                    model=str(model),
+                    seed=seed + i,
+                    references=args.image,
+                    loras=[f"{p}:{w}" for p, w in args.lora],
+                )
+                save_png(image, path, parameters.as_dict())
                 print(path)
         except UserError:
             raise

@@ -107,6 +107,7 @@ class FamilyConfig:
     default_steps: int
     default_guidance: float
     guidance_distilled: bool  # True: guidance goes into the DiT embedding or is fixed; False: true CFG
+    default_size: int = 1024  # output width and height when neither a size nor a reference image gives one
 
     def __post_init__(self):
         if self.dit.in_channels != self.autoencoder.latent_channels:
@@ -217,6 +218,7 @@ FAMILIES: dict[str, FamilyConfig] = {
         default_steps=4,
         default_guidance=2.0,
         guidance_distilled=False,
+        default_size=64,
     ),
 }
 

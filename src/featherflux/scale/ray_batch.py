@@ -13,23 +13,21 @@ from pathlib import Path
 
 import torch
 
+from featherflux.pipeline import load_pipeline
 from featherflux.scale.jobs import BatchJob
+from featherflux.scale.render import render_or_error
 
 
 class JobRenderer:
     """A Ray Data actor: `__call__` gets a batch of serialised jobs and returns their manifest records."""
 
     def __init__(self, model: str, output_dir: str, base_dir: str, device: str, dtype: str | None):
-        from featherflux.pipeline import load_pipeline
-
         torch.set_num_threads(1)
         self.model = model
         self.output_dir, self.base_dir = Path(output_dir), Path(base_dir)
         self.pipe = load_pipeline(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
 
     def __call__(self, batch: dict) -> dict:
-        from featherflux.scale.batch import render_or_error
-
         records = []
         for text in batch["job"]:
             fields = json.loads(text)
@@ -43,7 +41,7 @@ class JobRenderer:
 def render_on_ray(jobs: list[BatchJob], output_dir: Path, base_dir: Path, model: str, *, workers: int | None,
                   address: str | None, device: str, dtype: torch.dtype | None):
     """Yield manifest records (or error records) as the actors finish jobs."""
-    import ray
+    import ray  # an optional extra (featherflux[ray]): imported only when a batch runs on it
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, include_dashboard=False)

@@ -7,7 +7,10 @@ Design choices:
 - Every request becomes a job in one `JobQueue`; the OpenAI endpoints submit a job and wait for it, the jobs API
   returns its id at once. Both accept JSON or multipart (reference images as `image` / `image[]` parts).
 - Validation happens before a job is queued, so a bad request costs no GPU time and always gets a 4xx that says
-  what to change; a failure while generating fails only that job (5xx for it).
+  what to change; a failure while generating fails only that job (5xx for it). Defaults and the size rule are the
+  pipeline's own (`featherflux.request`): a size that is not a multiple of 16 is floored, and the response's
+  `size` says what was made.
+- The routes share one `ServerState` (the queue, the keys, the limits), kept on `app.state.server`.
 - Stored images have generated names; `/v1/files/{name}` only serves names of that form (see `files.py`).
 """
 
@@ -19,37 +22,38 @@ import contextlib
 import json
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from featherflux.errors import UserError
-from featherflux.pipeline import DEFAULT_SIZES, MAX_PIXELS, MIN_SIDE
+from featherflux.images import reference_size
+from featherflux.request import Defaults, defaults, floor_size, size_multiple
 from featherflux.serve import files
 from featherflux.serve.auth import RateLimiter, find_key, read_keys
-from featherflux.serve.queue import FINISHED, STEP_BUCKETS, JobQueue, JobSpec, QueueFull, ShuttingDown
+from featherflux.serve.metrics import prometheus_text
+from featherflux.serve.queue import FINISHED, Job, JobQueue, JobSpec, QueueFull, ShuttingDown
 
 STATIC = Path(__file__).parent / "static"
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may ask of this server; the size rule is the pipeline's (`featherflux.request`)."""
+
     max_n: int = 4
     max_steps: int = 100
-    min_side: int = MIN_SIDE  # the pipeline's own size rules, checked before a job is queued
-    max_pixels: int = MAX_PIXELS
-    max_references: int = 4
+    max_references: int = 4  # uploads per request, each up to max_upload_bytes
     max_upload_bytes: int = 10 * 1024 * 1024
     max_prompt_chars: int = 4000
-    reference_area: int = 1024 * 1024  # an edit without `size` takes the first reference's size, shrunk to this
 
 
 class ApiError(Exception):
@@ -92,26 +96,15 @@ class ImageParams(BaseModel):
     loras: list[str | LoraRef] = []
 
 
-def _parse_size(size: str | None, limits: Limits) -> tuple[int, int] | None:
+def _parse_size(size: str | None) -> tuple[int, int] | None:
+    """ "WIDTHxHEIGHT" -> (width, height) as asked; None for no size or "auto"."""
     if size is None or size == "auto":
         return None
     try:
         width, height = (int(x) for x in size.lower().split("x"))
     except ValueError:
         raise ApiError(400, f"size {size!r} is not WIDTHxHEIGHT, for example '1024x1024'", param="size") from None
-    if min(width, height) < limits.min_side or width * height > limits.max_pixels or width % 16 or height % 16:
-        raise ApiError(
-            400,
-            f"size {size!r}: width and height must be multiples of 16, at least {limits.min_side}, "
-            f"and width x height at most {limits.max_pixels} pixels",
-            param="size",
-        )
     return width, height
-
-
-def _reference_size(image, limits: Limits) -> tuple[int, int]:
-    scale = min(1.0, math.sqrt(limits.reference_area / (image.width * image.height)))
-    return max(16, int(image.width * scale) // 16 * 16), max(16, int(image.height * scale) // 16 * 16)
 
 
 def _loras(items: list, known: dict[str, Path]) -> tuple[tuple[str, float], ...]:
@@ -130,92 +123,44 @@ def _loras(items: list, known: dict[str, Path]) -> tuple[tuple[str, float], ...]
     return tuple(refs)
 
 
-def create_app(
-    pipeline,
-    *,
-    api_keys: Path | None = None,
-    max_queue: int = 64,
-    output_dir: Path = Path("featherflux-outputs"),
-    max_batch: int = 4,
-    job_timeout: float = 600.0,
-    rate_limit: tuple[float, int] = (120.0, 30),
-    loras: dict[str, Path] | None = None,
-    limits: Limits = Limits(),
-    drain_seconds: float = 30.0,
-    state_file: Path | None = None,
-) -> FastAPI:
-    """The FastAPI app serving `pipeline` (anything called with diffusers' keyword names).
+def _shutting_down(message: str) -> ApiError:
+    return ApiError(503, message, type="server_error", code="shutting_down", headers={"Retry-After": "5"})
 
-    `api_keys` is a keys file (see `auth.py`); without one every client is let in and clients are told apart
-    by address. `rate_limit` is (requests per minute, burst) per API key for requests that create jobs.
-    `loras` maps LoRA names a request may ask for to adapter files; applying them needs `pipeline.set_loras`.
-    """
-    output_dir = Path(output_dir)
-    family = getattr(pipeline, "family", None)
-    default_steps = getattr(family, "default_steps", 28)
-    default_guidance = getattr(family, "default_guidance", 4.0)
-    default_side = DEFAULT_SIZES.get(getattr(family, "name", None), 1024)
-    keys = read_keys(api_keys) if api_keys is not None else None
-    limiter = RateLimiter(*rate_limit)
-    loras = dict(loras or {})
-    set_loras = None
-    if loras:
-        if not hasattr(pipeline, "set_loras"):
-            raise UserError("this pipeline cannot switch LoRAs per request (no set_loras); start without --lora-dir")
 
-        def set_loras(pipe, wanted: tuple[tuple[str, float], ...]) -> None:
-            pipe.set_loras({name: (loras[name], scale) for name, scale in wanted})
+@dataclass
+class ServerState:
+    """What every route needs: the queue in front of the pipeline, who may ask, and what they may ask for."""
 
-    queue = JobQueue(
-        pipeline,
-        output_dir=output_dir,
-        state_file=state_file,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        job_timeout=job_timeout,
-        set_loras=set_loras,
-    )
+    queue: JobQueue
+    output_dir: Path
+    keys: dict[str, str] | None  # name -> sha256 of the key; None: an open server
+    limiter: RateLimiter
+    limits: Limits
+    loras: dict[str, Path]
+    defaults: Defaults  # the pipeline family's steps, guidance and side
+    size_multiple: int  # the pipeline family's size rule
+    model: str | None = None  # the pipeline's model id
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        queue.start()
-        yield
-        await asyncio.to_thread(queue.close, drain_seconds)
+    # ---- who is asking ----------------------------------------------------------------------------------------
 
-    app = FastAPI(title="featherflux", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.queue = queue
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return _error(e.status, e.message, param=e.param, code=e.code, type=e.type, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        first = e.errors()[0]
-        return _error(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", param=str(first["loc"][-1]))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        return _error(e.status_code, str(e.detail), type="invalid_request_error")
-
-    # ---- who is asking ----------------------------------------------------------------------------------
-
-    def owner_of(request: Request) -> str:
-        if keys is None:
+    def owner_of(self, request: Request) -> str:
+        if self.keys is None:
             return request.client.host if request.client else "local"
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(401, "no API key; send the header `Authorization: Bearer <key>`", code="missing_api_key")
-        name = find_key(keys, key.strip())
+        name = find_key(self.keys, key.strip())
         if name is None:
             raise ApiError(
                 401, "incorrect API key; make one with `featherflux keys add NAME --file KEYS`", code="invalid_api_key"
             )
         return name
 
-    def submitter(request: Request) -> str:
-        owner = owner_of(request)
-        wait = limiter.take(owner) if keys is not None else 0.0  # limits are per key; an open server has none
+    def submitter(self, request: Request) -> str:
+        """The owner of a request that creates a job, after its rate limit (limits are per key; an open server
+        has none)."""
+        owner = self.owner_of(request)
+        wait = self.limiter.take(owner) if self.keys is not None else 0.0
         if wait:
             raise ApiError(
                 429,
@@ -226,10 +171,11 @@ def create_app(
             )
         return owner
 
-    # ---- requests into jobs -----------------------------------------------------------------------------
+    # ---- requests into jobs -------------------------------------------------------------------------------------
 
-    async def read_request(request: Request) -> tuple[ImageParams, list[str], tuple[int, int] | None]:
-        """Parse JSON or multipart into params, stored reference names and the first reference's size."""
+    async def read_request(self, request: Request) -> tuple[ImageParams, list[str], tuple[int, int] | None]:
+        """Parse JSON or multipart into params, stored reference names and the first reference's output size."""
+        limits = self.limits
         content_type = request.headers.get("content-type", "")
         uploads, body = [], {}
         if content_type.startswith("multipart/form-data"):
@@ -283,11 +229,12 @@ def create_app(
                 images.append(files.decode_upload(await upload.read(), what=f"image {i + 1} ({upload.filename})"))
             except UserError as e:
                 raise ApiError(400, str(e), param="image", code="invalid_image") from None
-        first_size = _reference_size(images[0], limits) if images else None
-        references = [await asyncio.to_thread(files.save_upload, output_dir, image) for image in images]
+        first_size = reference_size(*images[0].size, self.size_multiple) if images else None
+        references = [await asyncio.to_thread(files.save_upload, self.output_dir, image) for image in images]
         return params, references, first_size
 
-    def job_spec(params: ImageParams, references: list[str], reference_size) -> JobSpec:
+    def job_spec(self, params: ImageParams, references: list[str], reference_size: tuple[int, int] | None) -> JobSpec:
+        limits = self.limits
         if len(params.prompt) > limits.max_prompt_chars:
             raise ApiError(
                 400,
@@ -296,13 +243,17 @@ def create_app(
             )
         if not 1 <= params.n <= limits.max_n:
             raise ApiError(400, f"n={params.n}; ask for 1 to {limits.max_n} images per request", param="n")
-        steps = default_steps if params.steps is None else params.steps
+        steps = self.defaults.steps if params.steps is None else params.steps
         if not 1 <= steps <= limits.max_steps:
             raise ApiError(400, f"steps={steps}; use 1 to {limits.max_steps}", param="steps")
-        guidance = default_guidance if params.guidance is None else params.guidance
+        guidance = self.defaults.guidance if params.guidance is None else params.guidance
         if not 0.0 <= guidance <= 30.0:
             raise ApiError(400, f"guidance={guidance}; use 0 to 30", param="guidance")
-        width, height = _parse_size(params.size, limits) or reference_size or (default_side, default_side)
+        width, height = _parse_size(params.size) or reference_size or (self.defaults.side, self.defaults.side)
+        try:
+            height, width = floor_size(height, width, self.size_multiple)
+        except UserError as e:
+            raise ApiError(400, str(e), param="size") from None
         seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
         if not 0 <= seed < 2**63 - limits.max_n:
             raise ApiError(400, f"seed={seed}; use 0 to 2**63 - {limits.max_n + 1}", param="seed")
@@ -315,70 +266,67 @@ def create_app(
             seed=seed,
             n=params.n,
             references=tuple(references),
-            loras=_loras(params.loras, loras),
+            loras=_loras(params.loras, self.loras),
         )
 
-    def submit(owner: str, params: ImageParams, references: list[str], reference_size):
+    def submit(self, owner: str, params: ImageParams, references: list[str], reference_size) -> Job:
         try:
-            return enqueue(owner, job_spec(params, references, reference_size))
+            return self._enqueue(owner, self.job_spec(params, references, reference_size))
         except ApiError:
-            files.delete_uploads(output_dir, references)  # the job was not accepted: nothing will read them
+            files.delete_uploads(self.output_dir, references)  # the job was not accepted: nothing will read them
             raise
 
-    def enqueue(owner: str, spec: JobSpec):
+    def _enqueue(self, owner: str, spec: JobSpec) -> Job:
         try:
-            return queue.submit(owner, spec)
+            return self.queue.submit(owner, spec)
         except QueueFull as e:
             raise ApiError(
                 429,
-                f"{e}; the server holds at most {queue.max_queue} waiting jobs",
+                f"{e}; the server holds at most {self.queue.max_queue} waiting jobs",
                 type="requests",
                 code="queue_full",
                 headers={"Retry-After": str(e.retry_after)},
             ) from None
         except ShuttingDown:
-            raise ApiError(
-                503,
-                "the server is shutting down; retry in a few seconds",
-                type="server_error",
-                code="shutting_down",
-                headers={"Retry-After": "5"},
-            ) from None
+            raise _shutting_down("the server is shutting down; retry in a few seconds") from None
 
-    def owned_job(job_id: str, owner: str):
-        job = queue.get(job_id)
+    def owned_job(self, job_id: str, owner: str) -> Job:
+        job = self.queue.get(job_id)
         if job is None or job.owner != owner:
             raise ApiError(404, f"no job {job_id!r}", param="id", code="job_not_found")
         return job
 
-    async def wait_for(request: Request, job):
-        """Wait for the job to finish; a client that goes away cancels it."""
+    # ---- waiting and answering ----------------------------------------------------------------------------------
+
+    def events_of(self, job: Job) -> tuple[asyncio.Queue, Callable[[], None]]:
+        """An asyncio queue that receives the job's events from the worker thread, and its unsubscribe."""
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        unsubscribe = queue.subscribe(job.id, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        unsubscribe = self.queue.subscribe(job.id, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        return events, unsubscribe
+
+    async def wait_for(self, request: Request, job: Job) -> Job:
+        """Wait for the job to finish; a client that goes away cancels it."""
+        events, unsubscribe = self.events_of(job)
         try:
             while job.state not in FINISHED:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=1.0)
                 except TimeoutError:
                     if await request.is_disconnected():
-                        queue.cancel(job.id)
+                        self.queue.cancel(job.id)
                         raise ApiError(499, "client closed the request") from None
                     continue
                 if event["event"] == "shutdown":
-                    raise ApiError(
-                        503,
-                        f"the server is shutting down; job {job.id} was saved and runs after the "
-                        "restart (GET /v1/jobs/{id})",
-                        type="server_error",
-                        code="shutting_down",
-                        headers={"Retry-After": "5"},
+                    raise _shutting_down(
+                        f"the server is shutting down; job {job.id} was saved and runs after the restart "
+                        "(GET /v1/jobs/{id})"
                     )
         finally:
             unsubscribe()
         return job
 
-    def openai_result(request: Request, job, response_format: str):
+    def openai_result(self, request: Request, job: Job, response_format: str) -> dict:
         if job.state == "cancelled":
             raise ApiError(409, f"job {job.id} was cancelled", code="cancelled")
         if job.state == "failed":
@@ -389,140 +337,205 @@ def create_app(
             if response_format == "url":
                 data.append({"url": f"{str(request.base_url).rstrip('/')}/v1/files/{name}"})
             else:
-                data.append({"b64_json": base64.b64encode(files.output_path(output_dir, name).read_bytes()).decode()})
+                path = files.output_path(self.output_dir, name)
+                data.append({"b64_json": base64.b64encode(path.read_bytes()).decode()})
         return {
             "created": int(job.created),
             "data": data,
             "output_format": "png",
-            "size": f"{job.spec.width}x{job.spec.height}",
+            "size": f"{job.spec.width}x{job.spec.height}",  # as made: a size not a multiple of 16 was floored
         }
 
-    # ---- endpoints --------------------------------------------------------------------------------------
 
-    @app.post("/v1/images/generations")
-    async def generations(request: Request):
-        owner = submitter(request)
-        params, references, reference_size = await read_request(request)
-        job = submit(owner, params, references, reference_size)
-        return openai_result(request, await wait_for(request, job), params.response_format or "b64_json")
+# ---- routes ---------------------------------------------------------------------------------------------------
 
-    @app.post("/v1/images/edits")
-    async def edits(request: Request):
-        owner = submitter(request)
-        params, references, reference_size = await read_request(request)
-        if not references:
-            raise ApiError(400, "an edit needs at least one reference image as an `image` file part", param="image")
-        job = submit(owner, params, references, reference_size)
-        return openai_result(request, await wait_for(request, job), params.response_format or "b64_json")
+router = APIRouter()
 
-    @app.post("/v1/jobs", status_code=202)
-    async def create_job(request: Request):
-        owner = submitter(request)
-        params, references, reference_size = await read_request(request)
-        return submit(owner, params, references, reference_size).public()
 
-    @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str, request: Request):
-        return owned_job(job_id, owner_of(request)).public()
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
 
-    @app.delete("/v1/jobs/{job_id}")
-    async def cancel_job(job_id: str, request: Request):
-        owned_job(job_id, owner_of(request))
-        return queue.cancel(job_id).public()
 
-    @app.get("/v1/jobs/{job_id}/events")
-    async def job_events(job_id: str, request: Request):
-        job = owned_job(job_id, owner_of(request))
-        events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        unsubscribe = queue.subscribe(job.id, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+async def _openai_call(request: Request, *, edit: bool) -> dict:
+    state = _state(request)
+    owner = state.submitter(request)
+    params, references, reference_size = await state.read_request(request)
+    if edit and not references:
+        raise ApiError(400, "an edit needs at least one reference image as an `image` file part", param="image")
+    job = state.submit(owner, params, references, reference_size)
+    return state.openai_result(request, await state.wait_for(request, job), params.response_format or "b64_json")
 
-        async def stream():
-            try:
-                event = {"event": "done" if job.state in FINISHED else job.state} | job.public()
-                while True:
-                    yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
-                    if event["event"] in ("done", "shutdown"):
-                        return
-                    event = await events.get() if queue.accepting else {"event": "shutdown", "id": job.id}
-            finally:
-                unsubscribe()
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+@router.post("/v1/images/generations")
+async def generations(request: Request):
+    return await _openai_call(request, edit=False)
 
-    @app.get("/v1/files/{name}")
-    async def get_file(name: str):
-        path = files.output_path(output_dir, name)
-        if path is None:
-            raise ApiError(404, f"no stored image named {name!r}", param="name", code="file_not_found")
-        return FileResponse(path, media_type="image/png")
 
-    @app.get("/health")
-    async def health():
-        return {
-            "status": "ok" if queue.accepting else "shutting_down",
-            "queue_depth": queue.depth(),
-            "jobs": queue.counts(),
-            "model": getattr(pipeline, "model_id", None),
-            "defaults": {
-                "size": f"{default_side}x{default_side}",
-                "steps": default_steps,
-                "guidance": default_guidance,
-                "max_n": limits.max_n,
-                "max_steps": limits.max_steps,
-            },
-        }
+@router.post("/v1/images/edits")
+async def edits(request: Request):
+    return await _openai_call(request, edit=True)
 
-    @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(prometheus_text(queue), media_type="text/plain; version=0.0.4")
 
-    @app.get("/")
-    async def page():
-        return HTMLResponse((STATIC / "index.html").read_text())
+@router.post("/v1/jobs", status_code=202)
+async def create_job(request: Request):
+    state = _state(request)
+    owner = state.submitter(request)
+    params, references, reference_size = await state.read_request(request)
+    return state.submit(owner, params, references, reference_size).public()
 
+
+@router.get("/v1/jobs/{job_id}")
+async def get_job(job_id: str, request: Request):
+    state = _state(request)
+    return state.owned_job(job_id, state.owner_of(request)).public()
+
+
+@router.delete("/v1/jobs/{job_id}")
+async def cancel_job(job_id: str, request: Request):
+    state = _state(request)
+    state.owned_job(job_id, state.owner_of(request))
+    return state.queue.cancel(job_id).public()
+
+
+@router.get("/v1/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request):
+    state = _state(request)
+    job = state.owned_job(job_id, state.owner_of(request))
+    events, unsubscribe = state.events_of(job)
+
+    async def stream():
+        try:
+            event = {"event": "done" if job.state in FINISHED else job.state} | job.public()
+            while True:
+                yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
+                if event["event"] in ("done", "shutdown"):
+                    return
+                event = await events.get() if state.queue.accepting else {"event": "shutdown", "id": job.id}
+        finally:
+            unsubscribe()
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/v1/files/{name}")
+async def get_file(name: str, request: Request):
+    path = files.output_path(_state(request).output_dir, name)
+    if path is None:
+        raise ApiError(404, f"no stored image named {name!r}", param="name", code="file_not_found")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = _state(request)
+    side = state.defaults.side
+    return {
+        "status": "ok" if state.queue.accepting else "shutting_down",
+        "queue_depth": state.queue.depth(),
+        "jobs": state.queue.counts(),
+        "model": state.model,
+        "defaults": {
+            "size": f"{side}x{side}",
+            "steps": state.defaults.steps,
+            "guidance": state.defaults.guidance,
+            "max_n": state.limits.max_n,
+            "max_steps": state.limits.max_steps,
+        },
+    }
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return PlainTextResponse(prometheus_text(_state(request).queue), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/")
+async def page():
+    return HTMLResponse((STATIC / "index.html").read_text())
+
+
+# ---- the app --------------------------------------------------------------------------------------------------
+
+
+async def _api_error(request: Request, e: ApiError):
+    return _error(e.status, e.message, param=e.param, code=e.code, type=e.type, headers=e.headers)
+
+
+async def _validation_error(request: Request, e: RequestValidationError):
+    first = e.errors()[0]
+    return _error(400, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", param=str(first["loc"][-1]))
+
+
+async def _http_error(request: Request, e: StarletteHTTPException):
+    return _error(e.status_code, str(e.detail), type="invalid_request_error")
+
+
+def create_app(
+    pipeline,
+    *,
+    api_keys: Path | None = None,
+    max_queue: int = 64,
+    output_dir: Path = Path("featherflux-outputs"),
+    max_batch: int = 4,
+    job_timeout: float = 600.0,
+    rate_limit: tuple[float, int] = (120.0, 30),
+    loras: dict[str, Path] | None = None,
+    limits: Limits = Limits(),
+    drain_seconds: float = 30.0,
+    state_file: Path | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `pipeline` (anything called with diffusers' keyword names).
+
+    `api_keys` is a keys file (see `auth.py`); without one every client is let in and clients are told apart
+    by address. `rate_limit` is (requests per minute, burst) per API key for requests that create jobs.
+    `loras` maps LoRA names a request may ask for to adapter files; applying them needs `pipeline.set_loras`.
+    """
+    output_dir = Path(output_dir)
+    loras = dict(loras or {})
+    set_loras = None
+    if loras:
+        if not hasattr(pipeline, "set_loras"):
+            raise UserError("this pipeline cannot switch LoRAs per request (no set_loras); start without --lora-dir")
+
+        def set_loras(pipe, wanted: tuple[tuple[str, float], ...]) -> None:
+            pipe.set_loras({name: (loras[name], scale) for name, scale in wanted})
+
+    queue = JobQueue(
+        pipeline,
+        output_dir=output_dir,
+        state_file=state_file,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        job_timeout=job_timeout,
+        set_loras=set_loras,
+    )
+    family = getattr(pipeline, "family", None)
+    state = ServerState(
+        queue=queue,
+        output_dir=output_dir,
+        keys=read_keys(api_keys) if api_keys is not None else None,
+        limiter=RateLimiter(*rate_limit),
+        limits=limits,
+        loras=loras,
+        defaults=defaults(family),
+        size_multiple=size_multiple(family),
+        model=getattr(pipeline, "model_id", None),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        queue.start()
+        yield
+        await asyncio.to_thread(queue.close, drain_seconds)
+
+    app = FastAPI(title="featherflux", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+    app.state.queue = queue
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.include_router(router)
     return app
-
-
-def prometheus_text(queue: JobQueue) -> str:
-    m = queue.metrics
-    lines = [
-        "# HELP featherflux_queue_depth Jobs waiting to run.",
-        "# TYPE featherflux_queue_depth gauge",
-        f"featherflux_queue_depth {queue.depth()}",
-        "# HELP featherflux_jobs Jobs the server knows, by state.",
-        "# TYPE featherflux_jobs gauge",
-    ]
-    lines += [f'featherflux_jobs{{state="{state}"}} {count}' for state, count in queue.counts().items()]
-    lines += [
-        "# HELP featherflux_step_seconds Wall time of one denoising step (whole batch).",
-        "# TYPE featherflux_step_seconds histogram",
-    ]
-    lines += [f'featherflux_step_seconds_bucket{{le="{b}"}} {n}' for b, n in zip(STEP_BUCKETS, m.step_buckets)]
-    lines += [
-        f'featherflux_step_seconds_bucket{{le="+Inf"}} {m.step_count}',
-        f"featherflux_step_seconds_sum {m.step_sum:.6f}",
-        f"featherflux_step_seconds_count {m.step_count}",
-        "# HELP featherflux_images_total Images generated.",
-        "# TYPE featherflux_images_total counter",
-        f"featherflux_images_total {m.images_total}",
-        "# HELP featherflux_images_per_second Images generated per second over the last minute.",
-        "# TYPE featherflux_images_per_second gauge",
-        f"featherflux_images_per_second {m.images_per_second():.4f}",
-    ]
-    if torch.cuda.is_available():
-        lines += [
-            "# HELP featherflux_device_memory_bytes CUDA memory held by PyTorch.",
-            "# TYPE featherflux_device_memory_bytes gauge",
-        ]
-        for i in range(torch.cuda.device_count()):
-            for kind, value in (
-                ("allocated", torch.cuda.memory_allocated(i)),
-                ("reserved", torch.cuda.memory_reserved(i)),
-                ("peak_allocated", torch.cuda.max_memory_allocated(i)),
-            ):
-                lines.append(f'featherflux_device_memory_bytes{{device="cuda:{i}",kind="{kind}"}} {value}')
-    return "\n".join(lines) + "\n"
 
 
 class _Server(uvicorn.Server):

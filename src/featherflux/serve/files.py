@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from featherflux.errors import UserError
 from featherflux.images import reference_tensor, save_png
+from featherflux.request import ImageParameters
 
 OUTPUT_NAME = re.compile(r"[0-9a-f]{32}-[0-9]{1,3}\.png")
 UPLOAD_NAME = re.compile(r"[0-9a-f]{32}\.png")
@@ -26,10 +27,10 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def write_output(folder: Path, job_id: str, index: int, image: Image.Image, parameters: dict) -> str:
+def write_output(folder: Path, job_id: str, index: int, image: Image.Image, parameters: ImageParameters) -> str:
     """Write one generated image, atomically, with its parameters in PNG text chunks; return its name."""
     name = f"{job_id}-{index}.png"
-    save_png(image, folder / name, parameters)
+    save_png(image, folder / name, parameters.as_dict())
     return name
 
 

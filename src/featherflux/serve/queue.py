@@ -20,8 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -30,14 +28,16 @@ from pathlib import Path
 
 import torch
 
+from featherflux.atomic import atomic_write
 from featherflux.errors import UserError
+from featherflux.request import ImageParameters
 from featherflux.serve import files
+from featherflux.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 FINISHED = ("succeeded", "failed", "cancelled")
 STATES = ("queued", "running", *FINISHED)
-STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class QueueFull(Exception):
@@ -72,17 +72,19 @@ class JobSpec:
             return None
         return (self.width, self.height, self.steps, self.guidance, self.loras)
 
-    def parameters(self, index: int) -> dict:
-        return {
-            "prompt": self.prompt,
-            "width": self.width,
-            "height": self.height,
-            "num_inference_steps": self.steps,
-            "guidance_scale": self.guidance,
-            "seed": self.seed + index,
-            "loras": [list(x) for x in self.loras],
-            "references": len(self.references),
-        }
+    def image_parameters(self, index: int, model: str) -> ImageParameters:
+        """The PNG parameters of image `index` of this job (seeded `seed + index`)."""
+        return ImageParameters(
+            prompt=self.prompt,
+            model=model,
+            seed=self.seed + index,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance=self.guidance,
+            references=self.references,
+            loras=tuple(f"{name}:{scale}" for name, scale in self.loras),
+        )
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Job:
     id: str
     owner: str
     spec: JobSpec
+    model: str = ""  # the model id of the pipeline that runs it
     state: str = "queued"
     step: int = 0
     files: list[str] = field(default_factory=list)
@@ -114,7 +117,7 @@ class Job:
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
-            "parameters": self.spec.parameters(0) | {"n": self.spec.n},
+            "parameters": self.spec.image_parameters(0, self.model).as_dict() | {"n": self.spec.n},
         }
 
     def record(self) -> dict:
@@ -131,26 +134,81 @@ class Job:
         return Job(spec=spec, **d)
 
 
-@dataclass
-class Metrics:
-    step_buckets: list[int] = field(default_factory=lambda: [0] * len(STEP_BUCKETS))
-    step_count: int = 0
-    step_sum: float = 0.0
-    images_total: int = 0
-    image_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
-    call_seconds: float = 10.0  # running average of seconds per pipeline call, for Retry-After
+class FairLine:
+    """Waiting jobs: one FIFO per owner, owners served round-robin. Not thread-safe (the queue holds its lock)."""
 
-    def observe_step(self, seconds: float) -> None:
-        self.step_count += 1
-        self.step_sum += seconds
-        for i, bound in enumerate(STEP_BUCKETS):
-            if seconds <= bound:
-                self.step_buckets[i] += 1
+    def __init__(self):
+        self._waiting: dict[str, collections.deque[Job]] = {}
+        self._owners: collections.deque[str] = collections.deque()  # owners with waiting jobs, next to serve first
 
-    def images_per_second(self, window: float = 60.0) -> float:
-        now = time.monotonic()
-        recent = [t for t in self.image_times if now - t <= window]
-        return len(recent) / window
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def add(self, job: Job) -> None:
+        if job.owner not in self._waiting:
+            self._waiting[job.owner] = collections.deque()
+            self._owners.append(job.owner)
+        self._waiting[job.owner].append(job)
+
+    def remove(self, job: Job) -> None:
+        self._waiting[job.owner].remove(job)
+        if not self._waiting[job.owner]:
+            del self._waiting[job.owner]
+            self._owners.remove(job.owner)
+
+    def take_batch(self, max_images: int) -> list[Job]:
+        """The next owner in line gives its oldest job; other owners' oldest compatible jobs fill the batch."""
+        served: list[str] = []
+        first = self._waiting[self._owners[0]].popleft()
+        batch, images, key = [first], first.spec.n, first.spec.batch_key()
+        served.append(first.owner)
+        growing = key is not None
+        while growing and images < max_images:
+            growing = False
+            for owner in [*self._owners][1:] + [self._owners[0]]:
+                waiting = self._waiting[owner]
+                if waiting and waiting[0].spec.batch_key() == key and images + waiting[0].spec.n <= max_images:
+                    job = waiting.popleft()
+                    batch.append(job)
+                    images += job.spec.n
+                    growing = True
+                    if owner not in served:
+                        served.append(owner)
+        self._owners = collections.deque([o for o in self._owners if o not in served] + served)
+        for owner in [o for o in self._owners if not self._waiting[o]]:
+            self._owners.remove(owner)
+            del self._waiting[owner]
+        return batch
+
+
+class JobFile:
+    """The queue's JSON-lines file: every job a line, rewritten atomically on each change of state."""
+
+    def __init__(self, path: Path, keep_finished: int):
+        self.path = path
+        self.keep_finished = keep_finished
+
+    def load(self) -> list[Job]:
+        if not self.path.exists():
+            return []
+        jobs = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            try:
+                jobs.append(Job.from_record(json.loads(line)))
+            except (ValueError, TypeError, KeyError) as e:
+                raise UserError(
+                    f"{self.path} line {number} is not a job record ({e}); "
+                    "fix or move the file away to start with an empty queue"
+                ) from None
+        return jobs
+
+    def save(self, jobs: dict[str, Job]) -> None:
+        """Write `jobs`, after dropping all but the newest `keep_finished` finished ones from it."""
+        finished = sorted((j for j in jobs.values() if j.state in FINISHED), key=lambda j: j.finished)
+        for job in finished[: max(0, len(finished) - self.keep_finished)]:
+            del jobs[job.id]
+        text = "".join(json.dumps(job.record()) + "\n" for job in jobs.values())
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
 
 class JobQueue:
@@ -169,17 +227,16 @@ class JobQueue:
         set_loras: Callable[[object, tuple], None] | None = None,
     ):
         self.pipeline = pipeline
+        self.model = getattr(pipeline, "model_id", "")
         self.output_dir = Path(output_dir)
-        self.state_file = Path(state_file) if state_file else self.output_dir / "queue.jsonl"
+        self.file = JobFile(Path(state_file) if state_file else self.output_dir / "queue.jsonl", keep_finished)
         self.max_queue = max_queue
         self.max_batch = max_batch  # images per pipeline call; 1 switches batching off
         self.job_timeout = job_timeout
-        self.keep_finished = keep_finished
         self.set_loras = set_loras
         self.metrics = Metrics()
         self._jobs: dict[str, Job] = {}
-        self._waiting: dict[str, collections.deque[Job]] = {}
-        self._line: collections.deque[str] = collections.deque()  # owners with waiting jobs, next to serve first
+        self._line = FairLine()
         self._listeners: dict[str, list[Callable[[dict], None]]] = collections.defaultdict(list)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -187,7 +244,12 @@ class JobQueue:
         self._closing = False
         self._abort = False
         self._worker: threading.Thread | None = None
-        self._load()
+        for job in self.file.load():
+            self._jobs[job.id] = job
+            if job.state not in FINISHED:  # queued, or running when the previous server stopped
+                job.state, job.step, job.started = "queued", 0, None
+                self._line.add(job)
+        log.info("resumed %d unfinished jobs from %s", len(self._line), self.file.path)
 
     # ---- accepting and answering (any thread) -------------------------------------------------------------
 
@@ -197,9 +259,9 @@ class JobQueue:
                 raise ShuttingDown()
             if self.depth() >= self.max_queue:
                 raise QueueFull(self.retry_after())
-            job = Job(id=files.new_id(), owner=owner, spec=spec)
+            job = Job(id=files.new_id(), owner=owner, spec=spec, model=self.model)
             self._jobs[job.id] = job
-            self._enqueue(job)
+            self._line.add(job)
             self._persist()
             self._emit(job, "queued")
             self._wake.notify_all()
@@ -215,10 +277,7 @@ class JobQueue:
             if job is None or job.state in FINISHED:
                 return job
             if job.state == "queued":
-                self._waiting[job.owner].remove(job)
-                if not self._waiting[job.owner]:
-                    del self._waiting[job.owner]
-                    self._line.remove(job.owner)
+                self._line.remove(job)
                 self._finish(job, "cancelled")
             else:
                 job.cancel_requested = True  # the step callback finishes it at the next step
@@ -240,7 +299,7 @@ class JobQueue:
 
     def depth(self) -> int:
         with self._lock:
-            return sum(len(q) for q in self._waiting.values())
+            return len(self._line)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -290,11 +349,11 @@ class JobQueue:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._closing and not self._line:
+                while not self._closing and not len(self._line):
                     self._wake.wait()
                 if self._closing:
                     return
-                batch = self._take_batch()
+                batch = self._line.take_batch(self.max_batch)
                 for job in batch:
                     job.state, job.started, job.step = "running", time.time(), 0
                     self._emit(job, "running")
@@ -304,30 +363,6 @@ class JobQueue:
             with self._lock:
                 self.metrics.call_seconds = 0.8 * self.metrics.call_seconds + 0.2 * (time.monotonic() - started)
                 self._persist()
-
-    def _take_batch(self) -> list[Job]:
-        """The next owner in line gives its oldest job; other owners' oldest compatible jobs fill the batch."""
-        served: list[str] = []
-        first = self._waiting[self._line[0]].popleft()
-        batch, images, key = [first], first.spec.n, first.spec.batch_key()
-        served.append(first.owner)
-        growing = key is not None
-        while growing and images < self.max_batch:
-            growing = False
-            for owner in [*self._line][1:] + [self._line[0]]:
-                waiting = self._waiting[owner]
-                if waiting and waiting[0].spec.batch_key() == key and images + waiting[0].spec.n <= self.max_batch:
-                    job = waiting.popleft()
-                    batch.append(job)
-                    images += job.spec.n
-                    growing = True
-                    if owner not in served:
-                        served.append(owner)
-        self._line = collections.deque([o for o in self._line if o not in served] + served)
-        for owner in [o for o in self._line if not self._waiting[o]]:
-            self._line.remove(owner)
-            del self._waiting[owner]
-        return batch
 
     def _run(self, batch: list[Job]) -> None:
         spec = batch[0].spec
@@ -404,7 +439,7 @@ class JobQueue:
         self._store(batch, images)
 
     def _store(self, batch: list[Job], images: list) -> None:
-        offset, model = 0, getattr(self.pipeline, "model_id", None)
+        offset = 0
         for job in batch:
             mine = images[offset : offset + job.spec.n]
             offset += job.spec.n
@@ -412,7 +447,7 @@ class JobQueue:
                 continue
             try:
                 names = [
-                    files.write_output(self.output_dir, job.id, i, image, job.spec.parameters(i) | {"model": model})
+                    files.write_output(self.output_dir, job.id, i, image, job.spec.image_parameters(i, job.model))
                     for i, image in enumerate(mine)
                 ]
             except OSError as e:
@@ -421,9 +456,7 @@ class JobQueue:
             with self._lock:
                 job.files = names
                 job.step = job.spec.steps
-                now = time.monotonic()
-                self.metrics.images_total += len(names)
-                self.metrics.image_times.extend([now] * len(names))
+                self.metrics.observe_images(len(names))
                 self._finish(job, "succeeded")
 
     def _fail(self, batch: list[Job], status: int, error: str) -> None:
@@ -433,12 +466,6 @@ class JobQueue:
                     self._finish(job, "failed", status=status, error=error)
 
     # ---- bookkeeping (lock held) ---------------------------------------------------------------------------
-
-    def _enqueue(self, job: Job) -> None:
-        if job.owner not in self._waiting:
-            self._waiting[job.owner] = collections.deque()
-            self._line.append(job.owner)
-        self._waiting[job.owner].append(job)
 
     def _finish(self, job: Job, state: str, *, status: int | None = None, error: str | None = None) -> None:
         job.state, job.status, job.error, job.finished = state, status, error, time.time()
@@ -452,29 +479,4 @@ class JobQueue:
             listener(payload)
 
     def _persist(self) -> None:
-        finished = sorted((j for j in self._jobs.values() if j.state in FINISHED), key=lambda j: j.finished)
-        for job in finished[: max(0, len(finished) - self.keep_finished)]:
-            del self._jobs[job.id]
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            for job in self._jobs.values():
-                f.write(json.dumps(job.record()) + "\n")
-        os.replace(tmp, self.state_file)
-
-    def _load(self) -> None:
-        if not self.state_file.exists():
-            return
-        for number, line in enumerate(self.state_file.read_text().splitlines(), 1):
-            try:
-                job = Job.from_record(json.loads(line))
-            except (ValueError, TypeError, KeyError) as e:
-                raise UserError(
-                    f"{self.state_file} line {number} is not a job record ({e}); "
-                    "fix or move the file away to start with an empty queue"
-                ) from None
-            self._jobs[job.id] = job
-            if job.state not in FINISHED:  # queued, or running when the previous server stopped
-                job.state, job.step, job.started = "queued", 0, None
-                self._enqueue(job)
-        log.info("resumed %d unfinished jobs from %s", self.depth(), self.state_file)
+        self.file.save(self._jobs)

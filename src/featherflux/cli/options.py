@@ -1,0 +1,72 @@
+"""Flags that several commands share, spelt and parsed once: device, dtype, memory placement, remote text encoder.
+
+`--dtype` takes both spellings people use (`bf16` / `bfloat16`, `fp16` / `float16`, `fp32` / `float32`).
+`pipeline_options(args)` turns whichever of these flags a command has into `load_pipeline` keyword arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+OFFLOAD_MODES = ("model", "blocks", "sequential")
+QUANTIZE_MODES = ("int8", "fp8", "nf4")
+# load_pipeline keyword arguments that a flag of the same name (dashes for underscores) sets when given
+PIPELINE_FLAGS = ("vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token")
+
+
+def dtype(value: str) -> torch.dtype:
+    try:
+        return DTYPES[value.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def dtype_name(value: torch.dtype | None) -> str | None:
+    """ "bfloat16" for torch.bfloat16: how a dtype travels in settings that must stay plain data (Ray)."""
+    return None if value is None else str(value).removeprefix("torch.")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device(p: argparse.ArgumentParser, *, dtype_help: str = "weight dtype (default: the checkpoint's)") -> None:
+    p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when there is one)")
+    p.add_argument("--dtype", type=dtype, metavar="{bf16,fp16,fp32}", help=dtype_help)
+
+
+def add_placement(p: argparse.ArgumentParser, *, quantize_modes: tuple[str, ...] = QUANTIZE_MODES) -> None:
+    """The memory planner's knobs (see `featherflux plan`)."""
+    p.add_argument("--vram", help="device memory budget, e.g. 24 or 24GiB (default: the CUDA device's)")
+    p.add_argument("--ram", help="host memory budget (default: this machine's)")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, help="fix the placement (default: planned)")
+    p.add_argument("--quantize", choices=quantize_modes, help="fix the quantization (default: planned)")
+
+
+def add_text_encoder(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--text-encoder",
+        metavar="URL",
+        help="encode prompts on a `featherflux encode-server` at URL instead of loading the text encoder",
+    )
+    p.add_argument(
+        "--text-encoder-token",
+        help="bearer token for the encode server (default: $FEATHERFLUX_TEXT_ENCODER_TOKEN)",
+    )
+
+
+def pipeline_options(args: argparse.Namespace) -> dict:
+    """`load_pipeline` keyword arguments from the shared flags this command has and the user gave."""
+    options = {"device": args.device, "dtype": args.dtype}
+    options |= {name: getattr(args, name) for name in PIPELINE_FLAGS if getattr(args, name, None) is not None}
+    return options
