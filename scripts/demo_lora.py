@@ -48,8 +48,8 @@ def main() -> None:
                          base_model="demo")
     output = args.work / f"lora-{args.steps}-{args.rank}-{args.learning_rate}-{args.seed}"
     start = time.perf_counter()
-    finetune(FinetuneSetup(model="demo", data=str(data), output=str(output), resolution=scenes.IMAGE_SIZE,
-                           buckets=False), config)
+    setup = FinetuneSetup(data=str(data), output=str(output), resolution=scenes.IMAGE_SIZE, buckets=False)
+    finetune(load_pipeline("demo"), setup, config)  # a pipeline of its own: training frees its encoders
     minutes = (time.perf_counter() - start) / 60
 
     load_lora(pipe.transformer, output / "lora.safetensors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from featherflux.cli.options import add_device
 from featherflux.scale.batch import run_batch
 
 
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
     p.add_argument("jobs", help="JSONL file, one job per line: prompt, seed, size, steps, guidance, loras, references")
     p.add_argument("--output", required=True, help="folder for the PNGs and manifest.jsonl")
     p.add_argument("--model", default="demo", help="pipeline folder, hub id in the local cache, or 'demo'")
-    p.add_argument("--device", default="cpu")
+    add_device(p)
     p.add_argument("--ray", action="store_true", help="run pipeline actors on Ray Data (one per GPU or CPU slot)")
     p.add_argument("--workers", type=int, help="number of Ray actors (default: one per GPU, or per CPU)")
     p.add_argument("--address", help="Ray cluster address (default: start a local one, or RAY_ADDRESS)")
@@ -21,7 +22,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = run_batch(args.jobs, args.output, args.model, use_ray=args.ray, workers=args.workers,
-                       ray_address=args.address, device=args.device)
+                       ray_address=args.address, device=args.device, dtype=args.dtype)
     print(f"batch: {report.done} rendered, {report.skipped} already done, {len(report.failed)} failed, "
           f"{len(report.problems)} malformed line(s) skipped")
     for failure in report.failed:

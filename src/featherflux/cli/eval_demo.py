@@ -7,6 +7,7 @@ import time
 
 from featherflux.demo import scenes
 from featherflux.demo.evaluate import evaluate, pipeline_generator
+from featherflux.pipeline import load_pipeline
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from featherflux.pipeline import load_pipeline
-
     pipe = load_pipeline(args.model)
     if args.lora:
         pipe.load_lora(args.lora)

@@ -6,12 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
+from featherflux.cli.options import add_device, add_placement, add_text_encoder, pipeline_options
+from featherflux.cli.serve_ray import add_ray_arguments, serve_on_ray
 from featherflux.errors import UserError
-from featherflux.cli.serve_ray import add_ray_arguments, serve_on_ray  # --ray: the scale engineer's
-
-PLACEMENT = ("vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token")  # passed to load_pipeline when given
+from featherflux.pipeline import load_pipeline
 
 
 def register(subparsers) -> None:
@@ -38,24 +36,17 @@ def register(subparsers) -> None:
         help="on SIGTERM, how long running jobs may finish before they are saved for the next start",
     )
     p.add_argument("--lora-dir", type=Path, help="folder of *.safetensors LoRAs requests may name (by file stem)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the model's)")
-    p.add_argument("--vram", help="device memory budget for the placement planner, e.g. 24GiB (default: detected)")
-    p.add_argument("--ram", help="host memory budget for the placement planner (default: detected)")
-    p.add_argument("--offload", choices=["model", "blocks", "sequential"], help="offload mode (default: planner's)")
-    p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], help="weight quantization (default: planner's)")
-    p.add_argument("--text-encoder", metavar="URL", help="encode prompts on a `featherflux` encode server at URL")
-    p.add_argument("--text-encoder-token", help="bearer token for the encode server")
+    add_device(p)
+    add_placement(p)
+    add_text_encoder(p)
     add_ray_arguments(p)  # --ray, --replicas, --autoscale, --gpus-per-replica, --address
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ray:  # replicas of this server on Ray Serve (cli/serve_ray.py)
+    if args.ray:  # replicas of this server on Ray Serve (cli.serve_ray)
         return serve_on_ray(args)
-    from featherflux.pipeline import load_pipeline
-
-    try:
+    try:  # the serve extra is optional: fastapi and uvicorn are imported only to serve
         from featherflux.serve.api import create_app, run_server
     except ImportError as e:
         raise UserError(
@@ -70,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--lora-dir {args.lora_dir} is not a folder")
         loras = {p.stem: p for p in sorted(args.lora_dir.glob("*.safetensors"))}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    placement = {name: getattr(args, name) for name in PLACEMENT if getattr(args, name) is not None}
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype, **placement)
+    pipe = load_pipeline(args.model, **pipeline_options(args))
     app = create_app(
         pipe,
         api_keys=args.api_keys,

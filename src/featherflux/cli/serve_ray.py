@@ -1,15 +1,14 @@
-"""`featherflux serve --ray`: the flags SERVE's `cli/serve.py` adds, and the call that runs the server on Ray Serve.
+"""`featherflux serve --ray`: the flags `featherflux serve` adds for Ray Serve, and the call that runs it there.
 
-Kept out of `cli/serve.py` so that command's module stays SERVE's; ray itself is imported only when `--ray` runs.
+Ray is an optional extra, so ray itself is imported only when `--ray` runs.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from featherflux.cli.options import dtype_name
 from featherflux.errors import UserError
-
-PLACEMENT = ("vram", "ram", "offload", "quantize")  # load_pipeline options passed on when given
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,10 +25,12 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def serve_on_ray(args: argparse.Namespace) -> int:
-    from featherflux.scale.ray_serve import ReplicaSettings, parse_autoscale, run
+    from featherflux.scale.ray_serve import ReplicaSettings, parse_autoscale, run  # needs ray: imported on use
 
     if args.max_queue < 1 or args.max_batch < 1:
         raise UserError("--max-queue and --max-batch must be at least 1")
+    placement = {name: getattr(args, name) for name in ("vram", "ram", "offload", "quantize")}
+    placement = {name: value for name, value in placement.items() if value is not None}
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if str(args.device).startswith("cuda") else 0.0
@@ -37,10 +38,10 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         model=str(args.model), output_dir=str(args.output_dir.resolve()),
         api_keys=str(args.api_keys.resolve()) if args.api_keys else None, max_queue=args.max_queue,
         max_batch=args.max_batch, job_timeout=args.job_timeout, rate_limit=args.rate_limit, burst=args.burst,
-        drain_seconds=getattr(args, "drain_seconds", 30.0),
-        lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None, device=args.device, dtype=args.dtype,
-        placement={name: getattr(args, name) for name in PLACEMENT if getattr(args, name, None) is not None},
-        text_encoder=args.text_encoder, text_encoder_token=getattr(args, "text_encoder_token", None),
+        drain_seconds=args.drain_seconds,
+        lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None, device=args.device,
+        dtype=dtype_name(args.dtype), placement=placement,
+        text_encoder=args.text_encoder, text_encoder_token=args.text_encoder_token,
     )
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     run(settings, host=args.host, port=args.port, address=args.address, replicas=args.replicas, autoscale=autoscale,

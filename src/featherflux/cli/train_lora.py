@@ -4,14 +4,13 @@ whole DiT with --mode full) on a folder of images with same-name .txt captions."
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-import torch
-
+from featherflux.cli.options import add_device, add_text_encoder, pipeline_options
 from featherflux.errors import UserError
 from featherflux.lora.finetune import FinetuneSetup, finetune
 from featherflux.lora.train import TrainConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from featherflux.pipeline import load_pipeline
 
 
 def register(subparsers) -> None:
@@ -33,7 +32,6 @@ def register(subparsers) -> None:
     p.add_argument("--timestep-sampling", choices=["shift", "logit_normal", "uniform"], default="shift")
     p.add_argument("--guidance", type=float, default=1.0, help="guidance fed to guidance-distilled models")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="base weight dtype (default: checkpoint's)")
     p.add_argument("--quantize", choices=["int8", "nf4"], default=None, help="frozen quantized base (QLoRA)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     p.add_argument("--checkpoint-every", type=int, default=0)
@@ -41,25 +39,19 @@ def register(subparsers) -> None:
     p.add_argument("--validation-prompt", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--text-encoder", default=None, help="URL of a featherflux encode-server to use instead")
-    p.add_argument("--text-encoder-token", default=None)
+    add_device(p, dtype_help="base weight dtype (default: the checkpoint's)")
+    add_text_encoder(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     setup = FinetuneSetup(
-        model=args.model,
         data=args.data,
         output=args.output,
         resolution=args.resolution,
         buckets=not args.no_buckets,
         max_sequence_length=args.max_sequence_length,
-        device=args.device,
-        dtype=DTYPES.get(args.dtype),
         quantize=args.quantize,
-        text_encoder=args.text_encoder,
-        text_encoder_token=args.text_encoder_token,
         validation_prompt=args.validation_prompt,
     )
     config = TrainConfig(
@@ -80,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
         validate_every=args.validate_every,
         seed=args.seed,
     )
+    if not Path(args.data).is_dir():  # before minutes of loading
+        raise UserError(f"training data folder not found: {args.data}")
     try:
-        result = finetune(setup, config)
+        pipe = load_pipeline(args.model, **pipeline_options(args))
+        result = finetune(pipe, setup, config)
     except UserError:
         raise
     except (OSError, ValueError, RuntimeError) as e:  # one line for the user, never a traceback

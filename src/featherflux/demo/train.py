@@ -18,24 +18,31 @@ The result is written in diffusers' pipeline layout and loads with `load_pipelin
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from featherflux.demo import scenes
 from featherflux.demo.tokenizer import build_tokenizer
+from featherflux.lora.finetune import FinetuneSetup, finetune
+from featherflux.lora.train import TrainConfig
 from featherflux.model.autoencoder import AutoEncoder
 from featherflux.model.config import FamilyConfig, get_family
+from featherflux.model.dit import Flux2
+from featherflux.pipeline import load_pipeline
+from featherflux.weights import load_transformer, save_autoencoder, save_transformer
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WORK_DIR = Path("~/.cache/featherflux/demo-train")  # data, caches and finished stages
@@ -142,7 +149,7 @@ def set_latent_statistics(ae: AutoEncoder, images: torch.Tensor) -> None:
 
 def build_text_encoder(family: FamilyConfig, tokenizer, seed: int):
     """A randomly initialised, seeded Qwen3ForCausalLM at the demo's size (transformers' own init)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM  # imported on use: transformers takes seconds to load
 
     te = family.text_encoder
     if len(tokenizer) > te.vocab_size:
@@ -167,7 +174,6 @@ def build_text_encoder(family: FamilyConfig, tokenizer, seed: int):
 
 def write_pipeline(folder: Path, *, transformer, autoencoder: AutoEncoder, text_encoder, tokenizer) -> None:
     """Write a diffusers-layout FLUX.2 klein pipeline folder, replacing `folder` atomically."""
-    from featherflux.weights import save_autoencoder, save_transformer
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -201,15 +207,12 @@ def cached_autoencoder(family: FamilyConfig, recipe: Recipe, work: Path) -> Auto
 
 
 def _load_autoencoder(family: FamilyConfig, path: Path) -> AutoEncoder:
-    from safetensors.torch import load_file
-
     ae = AutoEncoder(family.autoencoder)
     ae.load_state_dict(load_file(path))
     return ae.eval().requires_grad_(False)
 
 
 def _save_autoencoder(ae: AutoEncoder, path: Path) -> None:
-    from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, path.with_suffix(".tmp"))
@@ -233,11 +236,6 @@ def write_dataset(folder: Path, pairs: list[tuple[scenes.Scene, int]]) -> None:
 
 def train_transformer(family: FamilyConfig, recipe: Recipe, work: Path, *, autoencoder, text_encoder, tokenizer):
     """Stage 3: full fine-tuning of a seeded random demo DiT with the LoRA trainer's machinery (mode="full")."""
-    from featherflux.lora.finetune import FinetuneSetup, finetune
-    from featherflux.lora.train import TrainConfig
-    from featherflux.model.dit import Flux2
-    from featherflux.weights import load_transformer
-
     torch.manual_seed(recipe.seed)
     write_pipeline(work / "base", transformer=Flux2(family.dit), autoencoder=autoencoder, text_encoder=text_encoder,
                    tokenizer=tokenizer)
@@ -246,13 +244,12 @@ def train_transformer(family: FamilyConfig, recipe: Recipe, work: Path, *, autoe
         write_dataset(data, scenes.sample(scenes.split("train"), recipe.dit_images, recipe.seed + 2))
     networks = (family.dit, family.autoencoder, family.text_encoder)
     run = work / f"transformer-{recipe_key(recipe, networks, ('ae_', 'dit_'))}"
-    setup = FinetuneSetup(model=str(work / "base"), data=str(data), output=str(run), resolution=scenes.IMAGE_SIZE,
-                          buckets=False)
+    setup = FinetuneSetup(data=str(data), output=str(run), resolution=scenes.IMAGE_SIZE, buckets=False)
     config = TrainConfig(mode="full", steps=recipe.dit_steps, learning_rate=recipe.dit_lr, lr_schedule="cosine",
                          warmup_steps=recipe.dit_warmup, batch_size=recipe.dit_batch,
                          shift_steps=recipe.dit_shift_steps, caption_dropout=recipe.dit_caption_dropout,
                          seed=recipe.seed, checkpoint_every=1000, base_model="featherflux demo (random init)")
-    finetune(setup, config)
+    finetune(load_pipeline(work / "base"), setup, config)
     return load_transformer(run / "transformer")
 
 
@@ -272,9 +269,6 @@ def main(out: Path = WEIGHTS_DIR, recipe: Recipe = Recipe(), work: Path = WORK_D
 
 def cli(argv: list[str] | None = None) -> None:
     """`python -m featherflux.demo.train` / `python scripts/train_demo.py`: every Recipe field is an option."""
-    import argparse
-    from dataclasses import fields
-
     parser = argparse.ArgumentParser(description="Reproduce the shipped demo model from a seed.")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR,
                         help=f"pipeline folder to write (default {WEIGHTS_DIR})")

@@ -24,9 +24,14 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import ray
+import torch
 from ray import serve
 
 from featherflux.errors import UserError
+from featherflux.pipeline import load_pipeline
+from featherflux.scale.job_board import shared_jobs
+from featherflux.serve.api import create_app
 
 APP_NAME = "featherflux"
 TARGET_ONGOING_REQUESTS = 2  # per replica: one image running, one waiting, before the autoscaler adds a replica
@@ -57,23 +62,18 @@ class ReplicaSettings:
 @serve.ingress()
 class ImageService:
     def __init__(self, settings: ReplicaSettings):
-        import torch
-
-        from featherflux.pipeline import load_pipeline
-
         self.settings = settings
         dtype = getattr(torch, settings.dtype) if settings.dtype else None
-        placement = dict(settings.placement)
-        if settings.text_encoder is not None:
-            from featherflux.text_encoder.remote import RemotePromptEncoder
-
-            placement["prompt_encoder"] = RemotePromptEncoder(settings.text_encoder, settings.text_encoder_token)
-        self.pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype, **placement)
+        self.pipe = load_pipeline(
+            settings.model,
+            device=settings.device,
+            dtype=dtype,
+            text_encoder=settings.text_encoder,
+            text_encoder_token=settings.text_encoder_token,
+            **settings.placement,
+        )
 
     def __serve_build_asgi_app__(self):
-        from featherflux.scale.job_board import shared_jobs
-        from featherflux.serve.api import create_app
-
         s = self.settings
         rank = serve.get_replica_context().rank.rank
         output_dir = Path(s.output_dir)
@@ -140,8 +140,6 @@ def deploy(settings: ReplicaSettings, *, host: str, port: int, **options) -> Non
 
 def run(settings: ReplicaSettings, *, host: str, port: int, address: str | None = None, **options) -> None:
     """Join the Ray cluster at `address` (or start a local one), deploy, and serve until Ctrl-C."""
-    import ray
-
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     ray.init(address=address, include_dashboard=False)
     deploy(settings, host=host, port=port, **options)
