@@ -1,5 +1,7 @@
 """featherflux: run, serve and fine-tune FLUX.2 image models on the hardware people actually have."""
 
+import importlib
+
 from featherflux.model.config import FAMILIES, AutoEncoderConfig, DiTConfig, FamilyConfig, TextEncoderConfig, get_family
 
 __all__ = [
@@ -23,7 +25,5 @@ _LAZY = {  # these pull in torch and the model code; imported on first use so `i
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'featherflux' has no attribute {name!r}")

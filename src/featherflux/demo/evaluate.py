@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
 from featherflux.demo import scenes
@@ -228,8 +229,6 @@ def evaluate(
 
 def pipeline_generator(pipe, num_inference_steps: int | None = None, seed: int = 0):
     """Adapt a pipeline to `evaluate`'s `generate(captions, offset)`; image i of a call is seeded seed + offset + i."""
-    import torch
-
     steps = num_inference_steps or pipe.family.default_steps
 
     def generate(captions: list[str], offset: int) -> list[Image.Image]:

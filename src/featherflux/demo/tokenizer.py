@@ -7,6 +7,7 @@ until every caption word is one token; captions then tokenize to a fixed layout 
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Qwen2TokenizerFast
 
 from featherflux.demo import scenes
@@ -25,8 +26,6 @@ def corpus() -> list[str]:
 
 
 def build_tokenizer() -> Qwen2TokenizerFast:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from featherflux.errors import WeightsError
 from featherflux.model.config import DiTConfig
@@ -173,8 +174,6 @@ def native_to_diffusers(config: DiTConfig) -> dict[str, list[tuple[str, tuple[in
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and safetensors metadata of a LoRA file (or a folder holding exactly one .safetensors)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
@@ -190,7 +189,7 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         )
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (not a dict)
     except Exception as e:  # noqa: BLE001  (safetensors raises several error types for a corrupt header)
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
 

@@ -45,9 +45,6 @@ class DeviceLedger:
     def sub(self, nbytes: int) -> None:
         self.current -= nbytes
 
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
 
 def _tensors(module: nn.Module) -> dict[str, Tensor]:
     named = dict(module.named_parameters())

@@ -289,11 +289,11 @@ class Flux2(nn.Module):
 
     @torch.no_grad()
     def extract_ref_kv(
-        self, ref: Tensor, ref_ids: Tensor, guidance: Tensor | None = None, ref_timestep: float = 0.0
+        self, ref: Tensor, ref_ids: Tensor, guidance: Tensor | None = None
     ) -> RefKVCache:
-        """Run reference tokens ref (B, R, in_ch) with ids (B, R, 4) alone, modulated at `ref_timestep`, and
+        """Run reference tokens ref (B, R, in_ch) with ids (B, R, 4) alone, modulated at timestep 0 (clean), and
         return every block's K/V. They attend only to each other, so the result serves every denoising step."""
-        t1000 = torch.full((ref.shape[0],), ref_timestep * 1000, dtype=ref.dtype, device=ref.device)
+        t1000 = torch.zeros(ref.shape[0], dtype=ref.dtype, device=ref.device)
         vec = self._vec(t1000, None if guidance is None else guidance.to(ref.dtype) * 1000)
         mod_img = self.double_stream_modulation_img(vec)
         mod_single = self.single_stream_modulation(vec)
@@ -331,13 +331,12 @@ class Flux2(nn.Module):
         ctx_ids: Tensor,
         num_ref: int,
         guidance: Tensor | None = None,
-        ref_timestep: float = 0.0,
     ) -> tuple[Tensor, RefKVCache]:
         """First step of klein-kv sampling: x = [ref, noisy] tokens (references first, as in diffusers'
         `kv_cache_mode="extract"`). Returns the velocity of the noisy tokens (B, N - num_ref, in_ch) and the cache."""
         if not 0 < num_ref < x.shape[1]:
             raise ValueError(f"num_ref must be between 1 and {x.shape[1] - 1}, got {num_ref}")
         x_ids = _batched(x_ids)
-        cache = self.extract_ref_kv(x[:, :num_ref], x_ids[:, :num_ref], guidance, ref_timestep)
+        cache = self.extract_ref_kv(x[:, :num_ref], x_ids[:, :num_ref], guidance)
         out = self.forward_kv_cached(x[:, num_ref:], x_ids[:, num_ref:], timesteps, ctx, ctx_ids, cache, guidance)
         return out, cache

@@ -8,7 +8,7 @@ replica. One named Ray actor, the job board, holds each job's latest public stat
   requester owns the job (the same rule as the single-process server: API key name, or client address without
   keys); a DELETE sets the flag, an event stream polls the board.
 Everything else passes straight to the replica's own app, so a request for a job the replica holds is served
-exactly as by `featherflux serve`. The wrapper is plain ASGI around SERVE's app; the queue is used only through
+exactly as by `featherflux serve`. The wrapper is plain ASGI around the server's app; the queue is used only through
 its public `get`, `subscribe` and `cancel`.
 
 Limits: the board is in memory (a restarted board forgets jobs; a restarted replica resumes its jobs from its
@@ -82,15 +82,15 @@ def job_board():
 
 
 def shared_jobs(app, *, replica: int, api_keys: Path | None):
-    """Wrap SERVE's FastAPI `app` (replica number `replica`'s) so its jobs are visible to, and cancellable from,
-    every replica."""
+    """Wrap the image server's FastAPI `app` (replica number `replica`'s) so its jobs are visible to, and
+    cancellable from, every replica."""
     queue = app.state.queue
     board = job_board()
     ray.get(board.get.remote(""))  # wait until the board runs, so the first job is not held up by its start
     keys = read_keys(api_keys) if api_keys is not None else None
 
     def requester(scope) -> str | None:
-        """The owner name SERVE's app would give this request, or None when its key is missing or wrong."""
+        """The owner name the server's app would give this request, or None when its key is missing or wrong."""
         if keys is None:
             return scope["client"][0] if scope.get("client") else "local"
         headers = dict(scope["headers"])
@@ -138,7 +138,7 @@ def shared_jobs(app, *, replica: int, api_keys: Path | None):
             return await app(scope, receive, send)
         entry = await board.get.remote(match[1])
         if entry is None or entry["owner"] != requester(scope):
-            return await app(scope, receive, send)  # SERVE's app answers 401 or 404 exactly as it would alone
+            return await app(scope, receive, send)  # the server's app answers 401 or 404 exactly as it would alone
         if match[2] and method == "GET":
             return await _stream_from_board(send, board, match[1], entry)
         if method == "DELETE":
@@ -175,7 +175,7 @@ async def _json(send, status: int, body: dict) -> None:
 
 
 async def _stream_from_board(send, board, job_id: str, entry: dict) -> None:
-    """Server-sent events like SERVE's `/v1/jobs/{id}/events`, from board states polled every POLL_SECONDS."""
+    """Server-sent events like the server's `/v1/jobs/{id}/events`, from board states polled every POLL_SECONDS."""
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
     last = None

@@ -31,9 +31,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from featherflux.loading import build_family, component, resolve_model_path, variant_of
+from featherflux.text_encoder import load_prompt_encoder
 from featherflux.text_encoder.wire import MEDIA_TYPE, encode_embeddings
 
 log = logging.getLogger(__name__)
@@ -202,7 +205,7 @@ class Batcher:
             embeds = await loop.run_in_executor(self.executor, self._run_encoder, prompts, max_sequence_length)
             # clone: a cached row must not pin the whole batch's storage (the cache counts bytes per row)
             by_prompt = {prompt: embeds[i].clone() for i, prompt in enumerate(prompts)}
-        except Exception as e:  # noqa: BLE001 - the encoder's failure fails this batch, not the server
+        except Exception as e:
             log.exception("encoding %d prompts failed", len(prompts))
             self.metrics.encoder_errors += 1
             for job in jobs:
@@ -348,7 +351,7 @@ def create_encoder_app(
         except RequestError as e:
             status = e.status
             return _error(e.status, e.message, e.kind)
-        except Exception as e:  # noqa: BLE001 - whatever broke, this request gets a 500 and the server lives on
+        except Exception as e:
             log.exception("POST /v1/encode failed")
             return _error(500, f"encoding failed: {type(e).__name__}: {e}", "server_error")
         finally:
@@ -390,9 +393,6 @@ def load_pipeline_prompt_encoder(
 ):
     """The prompt encoder of a pipeline folder (or cached repo id) and nothing else: the family, stacked layers and
     model id are worked out as `load_pipeline` does, from configs only; transformer and VAE weights are not read."""
-    from featherflux.loading import build_family, component, resolve_model_path, variant_of
-    from featherflux.text_encoder import load_prompt_encoder
-
     folder, model_id = resolve_model_path(path_or_repo_id)
     family = build_family(folder, variant_of(folder), out_layers)
     return load_prompt_encoder(
@@ -408,6 +408,4 @@ def load_pipeline_prompt_encoder(
 
 def run_encoder_server(encoder, *, host: str = "127.0.0.1", port: int = 8700, token: str | None = None, **limits):
     """Serve `encoder` with uvicorn until interrupted."""
-    import uvicorn
-
     uvicorn.run(create_encoder_app(encoder, token=token, **limits), host=host, port=port, log_level="info")

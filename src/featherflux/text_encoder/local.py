@@ -127,7 +127,7 @@ def _mistral_chat(tokenizer, prompt: str) -> str:
 
 def text_config_from_folder(folder: Path):
     """The transformers config of the language model in a diffusers `text_encoder/` folder, and its arch."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers takes seconds to import: on first use
 
     try:
         config = AutoConfig.from_pretrained(folder)
@@ -145,7 +145,10 @@ def text_config_from_folder(folder: Path):
 def load_tokenizer(folder: Path):
     """The tokenizer class the folder names (as diffusers gets it); a processor folder that needs packages we do
     not have (Pixtral wants torchvision) falls back to the plain fast tokenizer in tokenizer.json."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import (  # transformers takes seconds to import: on first use
+        AutoTokenizer,
+        PreTrainedTokenizerFast,
+    )
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -160,7 +163,7 @@ def load_tokenizer(folder: Path):
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    from transformers.utils import logging
+    from transformers.utils import logging  # transformers takes seconds to import: on first use
 
     level = logging.get_verbosity()
     logging.set_verbosity_error()
@@ -183,7 +186,7 @@ def load_prompt_encoder(
     dtype: torch.dtype | None = None,
 ) -> PromptEncoder:
     """Load the language model of a diffusers `text_encoder/` folder, cut after the last of `out_layers`."""
-    from transformers import MistralModel, Qwen3Model
+    from transformers import MistralModel, Qwen3Model  # transformers takes seconds to import: on first use
 
     text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
     config, arch = text_config_from_folder(text_encoder_dir)
