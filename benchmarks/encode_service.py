@@ -29,8 +29,8 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.tiny
 
-from featherflux.text_encoder.remote import RemotePromptEncoder  # noqa: E402
-from featherflux.serve.encoder_service import create_encoder_app  # noqa: E402
+from featherflux.serve.encoder_service import create_encoder_app
+from featherflux.text_encoder.remote import RemotePromptEncoder
 
 
 def tiny_encoder(folder: Path):
@@ -62,8 +62,8 @@ class Server:
 
 def mean_batch(url: str) -> float:
     text = httpx.get(url + "/metrics").text
-    total = float(re.search(r"^featherflux_encoder_batch_prompts_sum (\S+)$", text, re.M).group(1))
-    count = float(re.search(r"^featherflux_encoder_batch_prompts_count (\S+)$", text, re.M).group(1))
+    total = float(re.search(r"^featherflux_encoder_batch_prompts_sum (\S+)$", text, re.MULTILINE).group(1))
+    count = float(re.search(r"^featherflux_encoder_batch_prompts_count (\S+)$", text, re.MULTILINE).group(1))
     return total / count
 
 

@@ -1,5 +1,6 @@
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +9,7 @@ from featherflux.atomic import atomic_write
 
 def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
     target = tmp_path / "sub" / "out.bin"
-    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"first"))
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"first"))
     assert target.read_bytes() == b"first"
     umask = os.umask(0)
     os.umask(umask)
@@ -20,7 +21,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target.write_bytes(b"old")
 
     def half_write(tmp):
-        open(tmp, "wb").write(b"ha")
+        Path(tmp).write_bytes(b"ha")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):

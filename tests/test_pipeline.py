@@ -88,7 +88,7 @@ def test_custom_sigmas_match_diffusers(pipes):
 
 
 def test_images_per_prompt_with_one_generator_per_image(pipes):
-    gens = lambda seed: [torch.Generator().manual_seed(seed + i) for i in range(4)]  # noqa: E731
+    gens = lambda seed: [torch.Generator().manual_seed(seed + i) for i in range(4)]
     ours, theirs = run_both(pipes, "dev", prompt=PROMPTS, num_images_per_prompt=2, num_inference_steps=2,
                             height=64, width=64, generators=gens)
     assert ours.shape[0] == 4

@@ -261,7 +261,7 @@ def save_family_pipeline(family_name: str, folder: str | Path) -> Path:
     te = family.text_encoder
     if te.arch != "qwen3" or family.dit.guidance_embed:
         raise ValueError(f"{family_name} is not a klein-style family")
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
     torch.manual_seed(0)
     vae = AutoencoderKLFlux2(**strip(ae_config(family.autoencoder)))
     torch.manual_seed(1)

@@ -110,7 +110,7 @@ def native_lora_pairs(peft_file, config=CONFIG):
     from safetensors import safe_open
 
     with safe_open(str(peft_file), "pt") as f:
-        sd = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+        sd = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
     pairs = {}

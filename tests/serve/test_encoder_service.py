@@ -18,6 +18,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import Self
 
 import httpx
 import pytest
@@ -25,8 +26,8 @@ import torch
 import uvicorn
 
 from featherflux.errors import UserError
-from featherflux.text_encoder.remote import RemoteEncoderError, RemotePromptEncoder
 from featherflux.serve.encoder_service import create_encoder_app, load_pipeline_prompt_encoder
+from featherflux.text_encoder.remote import RemoteEncoderError, RemotePromptEncoder
 from featherflux.text_encoder.wire import WireError, decode_embeddings, encode_embeddings
 
 DIM = 12
@@ -72,7 +73,7 @@ class Server:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -88,7 +89,7 @@ class Server:
 def metric(url: str, name: str, token: str | None = None) -> float:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     text = httpx.get(url + "/metrics", headers=headers).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
 
@@ -149,9 +150,11 @@ def test_auth_accepted_and_refused():
 
 
 def test_family_mismatch_is_a_clear_error():
-    with Server(create_encoder_app(HashEncoder())) as server:
-        with pytest.raises(RemoteEncoderError, match="encodes for family 'klein-4b'.*pipeline is 'flux.2-dev'"):
-            RemotePromptEncoder(server.url, family="flux.2-dev")
+    with (
+        Server(create_encoder_app(HashEncoder())) as server,
+        pytest.raises(RemoteEncoderError, match="encodes for family 'klein-4b'.*pipeline is 'flux.2-dev'"),
+    ):
+        RemotePromptEncoder(server.url, family="flux.2-dev")
 
 
 def test_bad_requests_get_4xx_json_and_the_server_stays_up():
@@ -243,10 +246,12 @@ def test_client_splits_prompt_lists_above_the_server_limit():
 
 def test_slow_server_times_out_into_a_clear_error_after_retries():
     encoder = HashEncoder(seconds_per_call=1.0)
-    with Server(create_encoder_app(encoder)) as server:
-        with RemotePromptEncoder(server.url, timeout=0.5, retries=1, backoff_s=0.01) as client:
-            with pytest.raises(RemoteEncoderError, match="after 2 attempts.*Timeout"):
-                client.encode(["slow"], 4)
+    with (
+        Server(create_encoder_app(encoder)) as server,
+        RemotePromptEncoder(server.url, timeout=0.5, retries=1, backoff_s=0.01) as client,
+        pytest.raises(RemoteEncoderError, match="after 2 attempts.*Timeout"),
+    ):
+        client.encode(["slow"], 4)
 
 
 def test_unreachable_server_is_a_clear_error():
@@ -384,11 +389,10 @@ def test_pipeline_with_remote_encoder_draws_the_same_image(tiny, tmp_path, monke
 def test_pipeline_refuses_a_server_of_another_family(tiny):
     from featherflux.pipeline import load_pipeline
 
-    with Server(create_encoder_app(load_pipeline_prompt_encoder(str(tiny("dev"))))) as server:
-        with pytest.raises(
-            RemoteEncoderError, match="encodes for family 'custom-dev'.*pipeline is 'custom-klein-base'"
-        ):
-            load_pipeline(tiny("klein-base"), text_encoder=server.url)
+    with Server(create_encoder_app(load_pipeline_prompt_encoder(str(tiny("dev"))))) as server, pytest.raises(
+        RemoteEncoderError, match="encodes for family 'custom-dev'.*pipeline is 'custom-klein-base'"
+    ):
+        load_pipeline(tiny("klein-base"), text_encoder=server.url)
 
 
 def test_encode_server_command_serves_the_pipeline_encoder_with_its_token(tiny, tmp_path, monkeypatch):
@@ -400,9 +404,11 @@ def test_encode_server_command_serves_the_pipeline_encoder_with_its_token(tiny, 
     answers = []
 
     def serve_one_request(encoder, *, host, port, token, **limits):  # stands in for uvicorn.run
-        with Server(create_encoder_app(encoder, token=token, **limits)) as server:
-            with RemotePromptEncoder(server.url, token="s3cret") as client:
-                answers.append((client.family, client.encode(["a cat"], 32), encoder.encode(["a cat"], 32)))
+        with (
+            Server(create_encoder_app(encoder, token=token, **limits)) as server,
+            RemotePromptEncoder(server.url, token="s3cret") as client,
+        ):
+            answers.append((client.family, client.encode(["a cat"], 32), encoder.encode(["a cat"], 32)))
 
     monkeypatch.setattr(encoder_service, "run_encoder_server", serve_one_request)
     assert main(["encode-server", "--model", str(tiny("klein-base")), "--token-file", str(token_file)]) == 0

@@ -23,7 +23,6 @@ import torch
 from featherflux.errors import UserError
 from featherflux.text_encoder.wire import decode_embeddings
 
-
 TOKEN_ENV = "FEATHERFLUX_TEXT_ENCODER_TOKEN"  # read when no token is passed, so tokens stay off command lines
 
 
