@@ -16,14 +16,26 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
-import httpx
 import torch
 
 from featherflux.errors import UserError
 from featherflux.text_encoder.wire import decode_embeddings
 
+if TYPE_CHECKING:
+    import httpx
+
 TOKEN_ENV = "FEATHERFLUX_TEXT_ENCODER_TOKEN"  # read when no token is passed, so tokens stay off command lines
+
+
+def _httpx():
+    """The HTTP client package, which only a remote encoder needs: part of the serve extra."""
+    try:
+        import httpx  # optional: imported when a remote encoder is connected
+    except ImportError:
+        raise UserError("a remote text encoder needs httpx: pip install 'featherflux[serve]'") from None
+    return httpx
 
 
 class RemoteEncoderError(UserError):
@@ -56,7 +68,9 @@ class RemotePromptEncoder:
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Connecting should be quick; reading may wait for a big encoder behind a queue.
-        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+        self._httpx = _httpx()
+        timeouts = self._httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._http = self._httpx.Client(headers=headers, timeout=timeouts)
         try:
             info = self._server_info()
         except BaseException:
@@ -125,7 +139,7 @@ class RemotePromptEncoder:
             last = attempt == self.retries
             try:
                 response = self._http.request(method, self.url + path, **kwargs)
-            except httpx.TransportError as e:  # refused, reset, timed out: the server may be restarting
+            except self._httpx.TransportError as e:  # refused, reset, timed out: the server may be restarting
                 if last:
                     raise RemoteEncoderError(
                         f"cannot reach the encode server at {self.url} after {self.retries + 1} attempts "
