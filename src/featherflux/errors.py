@@ -1,9 +1,21 @@
-"""Errors a user can fix. Their message says what was wrong and what to do; the CLI prints it as one line."""
+"""Errors a user can fix. Their message says what was wrong and what to do; the CLI prints it as one line.
+
+`UserError` is a `ValueError`, so `except ValueError` written for diffusers still catches a bad argument, and a file
+or folder that is not there is also a `FileNotFoundError`.
+"""
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user: a wrong size, a missing file, an unknown layout, a mismatched LoRA."""
 
 
 class WeightsError(UserError):
     """A checkpoint that cannot be loaded as asked: wrong layout, wrong family, missing or mis-shaped keys."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named that is not there."""
+
+
+class MissingWeightsError(WeightsError, MissingFileError):
+    """A checkpoint file or folder that is not there."""

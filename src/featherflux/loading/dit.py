@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featherflux.errors import WeightsError
+from featherflux.errors import MissingWeightsError, WeightsError
 from featherflux.memory.gguf import GGUFLinear, dequantize
 from featherflux.memory.quant import Float8Linear, fp8_matmul_available
 from featherflux.model.config import DiTConfig, FamilyConfig
@@ -58,7 +58,7 @@ def dit_config_from_file(path: str | Path) -> DiTConfig:
     """The architecture of a single DiT file, from its tensor shapes (no data read)."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"transformer file {path} does not exist; pass a .gguf or .safetensors DiT checkpoint")
+        raise MissingWeightsError(f"transformer file {path} does not exist; pass a .gguf or .safetensors DiT checkpoint")
     if path.suffix == ".gguf":
         shapes, _ = gguf_summary(path)
     elif path.suffix == ".safetensors":
@@ -92,7 +92,7 @@ def load_dit(
     file replacing it (checked against `family` first). GGUF and fp8 files keep their quantized weights; their
     unquantized tensors load in `dtype` (None: bf16). `mmap=True` leaves weights file-backed (see module doc)."""
     if override and not Path(path).exists():
-        raise WeightsError(f"transformer file {path} does not exist; pass a .gguf or .safetensors DiT checkpoint")
+        raise MissingWeightsError(f"transformer file {path} does not exist; pass a .gguf or .safetensors DiT checkpoint")
     if override and Path(path).is_file():  # a diffusers transformer folder is checked by load_transformer
         check_dit_file(path, family)
     kind = dit_file_kind(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from featherflux.errors import UserError, WeightsError
+from featherflux.errors import MissingFileError, UserError, WeightsError
 
 # diffusers pipeline class (+ is_distilled) -> our variant name
 PIPELINE_CLASSES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline")
@@ -44,7 +44,7 @@ def resolve_model_path(path_or_repo_id: str | Path) -> tuple[Path, str]:
         )
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return Path(_cached_snapshot(name)), name
-    raise UserError(
+    raise MissingFileError(
         f"{name} does not exist; pass a diffusers pipeline folder (with model_index.json), a Hugging Face repo id "
         "(owner/name) in the local cache, or 'demo'"
     )

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from featherflux.errors import WeightsError
+from featherflux.errors import MissingWeightsError, WeightsError
 from featherflux.model.config import DiTConfig
 
 # diffusers module name -> (native module name, chunk of the native output rows as (index, count) or None)
@@ -181,7 +181,7 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             raise WeightsError(f"{path}: expected one .safetensors LoRA file in the folder, found {len(files)}")
         path = files[0]
     if not path.is_file():
-        raise WeightsError(f"LoRA file not found: {path}")
+        raise MissingWeightsError(f"LoRA file not found: {path}")
     if path.suffix != ".safetensors":
         raise WeightsError(
             f"{path}: only .safetensors LoRA files are loaded (pickled .ckpt/.pt/.bin are unsafe); "

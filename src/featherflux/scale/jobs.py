@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from featherflux.errors import UserError
+from featherflux.errors import MissingFileError
 
 JOB_FIELDS = {"id", "prompt", "seed", "size", "width", "height", "steps", "guidance", "loras", "references"}
 
@@ -106,7 +106,7 @@ def read_jobs(path: str | os.PathLike) -> tuple[list[BatchJob], list[str]]:
     """All valid jobs of a JSONL file, and one 'line N: reason' problem for each line skipped."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"jobs file {path} does not exist; pass a JSONL file with one job object per line")
+        raise MissingFileError(f"jobs file {path} does not exist; pass a JSONL file with one job object per line")
     jobs, problems, seen = [], [], set()
     with path.open(encoding="utf-8") as f:
         for line_no, text in enumerate(f, start=1):

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from featherflux.errors import UserError
+from featherflux.errors import MissingFileError, UserError
 
 NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 HEX = re.compile(r"[0-9a-f]{64}")
@@ -31,7 +31,7 @@ def read_keys(path: Path) -> dict[str, str]:
     """name -> sha256 hex, from a keys file; a malformed line is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"API keys file {path} does not exist; make one with `featherflux keys add NAME --file {path}`")
+        raise MissingFileError(f"API keys file {path} does not exist; make one with `featherflux keys add NAME --file {path}`")
     keys: dict[str, str] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()

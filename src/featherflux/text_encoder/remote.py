@@ -88,8 +88,9 @@ class RemotePromptEncoder:
             )
 
     def _server_info(self) -> dict:
+        response = self._request("GET", "/v1/models")  # its own errors (refused, unreachable) pass through
         try:
-            info = self._request("GET", "/v1/models").json()["data"][0]
+            info = response.json()["data"][0]
             return {key: info[key] for key in ("id", "family", "max_prompts", "max_sequence_length")}
         except (ValueError, KeyError, IndexError, TypeError):
             raise RemoteEncoderError(f"{self.url} does not answer like a featherflux encode-server") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from featherflux.errors import WeightsError
+from featherflux.errors import MissingWeightsError, WeightsError
 from featherflux.model.autoencoder import AutoEncoder
 from featherflux.model.config import AutoEncoderConfig
 from featherflux.weights.io import LazyTensor, materialize, open_checkpoint, save_safetensors
@@ -286,7 +286,7 @@ def load_autoencoder(
         f"subfolder, or BFL's {BFL_FILE}"
     )
     if not path.exists():
-        raise WeightsError(f"{path} does not exist; expected {expected}")
+        raise MissingWeightsError(f"{path} does not exist; expected {expected}")
     if path.is_dir():
         if (path / "config.json").is_file():
             tensors, found = _diffusers_folder(path)

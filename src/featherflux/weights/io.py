@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from featherflux.atomic import atomic_write
-from featherflux.errors import WeightsError
+from featherflux.errors import MissingWeightsError, WeightsError
 from featherflux.model.swap import assign_tensor
 
 _SAFETENSORS_DTYPES = {
@@ -216,7 +216,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     expected = "a .safetensors file, or a folder with one .safetensors file or shards and a *.safetensors.index.json"
     if not path.exists():
-        raise WeightsError(f"{path} does not exist; expected {expected}")
+        raise MissingWeightsError(f"{path} does not exist; expected {expected}")
     if path.is_file():
         if path.name.endswith(".safetensors.index.json"):
             return _sharded(path)
