@@ -25,17 +25,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from featherflux.errors import UserError
-from featherflux.images import postprocess
+from featherflux.images import overlay, postprocess
 from featherflux.loading import load_components
 from featherflux.lora.mixin import LoRAMixin
 from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_oom
 from featherflux.model.config import FamilyConfig
-from featherflux.request import GenerationRequest, size_multiple
+from featherflux.request import GenerationRequest, Repaint, size_multiple
 from featherflux.sampling import (
+    KnownRegion,
     denoise,
     denoise_kv,
     get_schedule,
@@ -88,6 +90,16 @@ class Flux2Pipeline(LoRAMixin):
         images = self.generate(self.request(prompt, **kwargs))
         return Flux2PipelineOutput(images) if return_dict else (images,)
 
+    def inpaint(self, prompt: str | list[str] | None = None, *, return_dict: bool = True, **kwargs):
+        """Repaint the white part of `mask_image` in `image`, with the keyword names and defaults of diffusers'
+        `Flux2KleinInpaintPipeline`: `image`, `mask_image` (None: repaint everything, i.e. image-to-image),
+        `image_reference` (one or more pictures to take the new content from), `strength` (0.8), `height`,
+        `width`, `padding_mask_crop`, and the arguments of `__call__` (see `GenerationRequest.for_inpaint`).
+        Steps and guidance default to the model family's. Works for klein (distilled and base, with CFG) and for
+        dev (its guidance embedding instead of CFG). Returns an object with `.images`."""
+        images = self.generate(GenerationRequest.for_inpaint(self.family, prompt=prompt, **kwargs))
+        return Flux2PipelineOutput(images) if return_dict else (images,)
+
     def request(self, prompt: str | list[str] | None = None, **kwargs) -> GenerationRequest:
         """The checked request of a call with these arguments, with this pipeline's family defaults filled in."""
         return GenerationRequest.from_call(self.family, prompt=prompt, **kwargs)
@@ -99,15 +111,22 @@ class Flux2Pipeline(LoRAMixin):
     def _generate(self, request: GenerationRequest):
         embeds, negative = self.encode_prompt(request)
         batch = embeds.shape[0]
-        with phase(self, "autoencoder"):
-            ref_tokens, ref_ids = self.encode_references(request.references, batch)
+        repaint = request.repaint
+        references = request.references if repaint is None else [repaint.image, *request.references]
+        with phase(self, "autoencoder"):  # the picture to repaint is also the first reference, as in diffusers
+            ref_tokens, ref_ids = self.encode_references(references, batch)
         multiple = size_multiple(self.family)
         h, w = request.height // multiple, request.width // multiple
         noise = self.prepare_latents(request, batch, h, w, embeds.dtype)
+        known = None if repaint is None else self.known_region(repaint, ref_tokens[:, : h * w], noise, h, w)
         with phase(self, "dit"):
-            latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids)
+            latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids, known)
         with phase(self, "autoencoder"):
-            return self.decode(latents, h, w, request.output_type)
+            images = self.decode(latents, h, w, request.output_type)
+        if repaint is not None and repaint.overlay is not None:
+            o = repaint.overlay
+            images = [overlay(o.original, o.mask, image, o.box) for image in images]
+        return images
 
     def encode_prompt(self, request: GenerationRequest) -> tuple[Tensor, Tensor | None]:
         """(B * num_images_per_prompt, L, ctx) prompt embeddings, and the negative ones when true CFG runs."""
@@ -163,6 +182,12 @@ class Flux2Pipeline(LoRAMixin):
             noise = initial_noise(shape, request.generator, dtype)
         return pack(noise.to(self.device, dtype))
 
+    def known_region(self, repaint: Repaint, picture: Tensor, noise: Tensor, h: int, w: int) -> KnownRegion:
+        """The inpainting state of the loop: the picture's tokens (B, h*w, C), the noise, and the mask shrunk to the
+        token grid (bilinear, as diffusers does) and packed to (B, h*w, 1)."""
+        mask = F.interpolate(repaint.mask, size=(h, w), mode="bilinear").to(self.device, noise.dtype)
+        return KnownRegion(picture.to(noise.dtype), noise, pack(mask.repeat(noise.shape[0], 1, 1, 1)))
+
     @torch.inference_mode()
     def denoise(
         self,
@@ -174,9 +199,16 @@ class Flux2Pipeline(LoRAMixin):
         negative: Tensor | None,
         ref_tokens: Tensor | None,
         ref_ids: Tensor | None,
+        known: KnownRegion | None = None,
     ) -> Tensor:
-        """Noise (B, h*w, C) -> clean packed latents, by `sampling.denoise` (or `denoise_kv` for klein-9b-kv)."""
+        """Noise (B, h*w, C) -> clean packed latents, by `sampling.denoise` (or `denoise_kv` for klein-9b-kv).
+        Inpainting skips the noisiest steps by strength and starts from the picture noised to the first that runs
+        (`latents=` given by the caller are taken as that start, as diffusers does)."""
         sigmas = get_schedule(request.num_steps, latents.shape[1], request.sigmas).to(self.device)
+        if known is not None:
+            sigmas = sigmas[request.repaint.first_step(request.num_steps) :]
+            if request.latents is None:
+                latents = known.noised(sigmas[0])
         x_ids = image_ids(h, w).to(self.device)
         ctx_ids = text_ids(embeds.shape[1]).to(self.device)
         on_step = None if request.callback is None else self._step_callback(request)
@@ -190,6 +222,7 @@ class Flux2Pipeline(LoRAMixin):
                 ctx_ids=ctx_ids,
                 ref_tokens=ref_tokens,
                 ref_ids=ref_ids,
+                known=known,
                 on_step=on_step,
                 progress=request.show_progress,
             )
@@ -208,6 +241,7 @@ class Flux2Pipeline(LoRAMixin):
             ref_ids=ref_ids,
             negative_ctx=negative,
             cfg_scale=request.guidance,
+            known=known,
             on_step=on_step,
             progress=request.show_progress,
         )

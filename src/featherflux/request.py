@@ -25,7 +25,14 @@ from PIL import Image
 from torch import Tensor
 
 from featherflux.errors import UserError
-from featherflux.images import open_reference_image, reference_tensor
+from featherflux.images import (
+    crop_region,
+    inpaint_image_tensor,
+    inpaint_size,
+    mask_tensor,
+    open_reference_image,
+    reference_tensor,
+)
 from featherflux.model.config import FAMILIES, FamilyConfig
 
 MAX_REFERENCES = 10
@@ -88,6 +95,9 @@ class ImageParameters:
     guidance: float
     references: tuple[str, ...] = ()  # file or upload names
     loras: tuple[str, ...] = ()  # "file_or_name:scale"
+    init: str | None = None  # inpainting: the picture repainted, its mask (None: all of it), and the strength
+    mask: str | None = None
+    strength: float | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -100,8 +110,34 @@ class ImageParameters:
             "guidance": self.guidance,
             "references": list(self.references),
             "loras": list(self.loras),
+            "init": self.init,
+            "mask": self.mask,
+            "strength": self.strength,
             "software": "featherflux",
         }
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """`padding_mask_crop`: the repainted crop goes back into the original picture, where the mask is white."""
+
+    original: Image.Image
+    mask: Image.Image  # at the original's size
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) of the crop in the original
+
+
+@dataclass(frozen=True)
+class Repaint:
+    """What inpainting adds to a request: the picture to start from, and where to repaint it."""
+
+    image: Tensor  # (1, 3, H, W) in [-1, 1] at the output size
+    mask: Tensor  # (1, 1, H, W): 1 = repaint, 0 = keep
+    strength: float  # 1: from pure noise; less: from the picture noised to that level, fewer steps
+    overlay: Overlay | None
+
+    def first_step(self, num_steps: int) -> int:
+        """The index of the first of `num_steps` schedule steps that runs (diffusers' `get_timesteps`)."""
+        return int(max(num_steps - min(num_steps * self.strength, num_steps), 0))
 
 
 @dataclass(frozen=True)
@@ -126,6 +162,7 @@ class GenerationRequest:
     callback: Callable | None
     callback_inputs: tuple[str, ...]
     show_progress: bool
+    repaint: Repaint | None = None  # inpainting (`Flux2Pipeline.inpaint`)
 
     @classmethod
     def from_call(
@@ -136,6 +173,91 @@ class GenerationRequest:
         image: Image.Image | str | Path | list | None = None,
         height: int | None = None,
         width: int | None = None,
+        **call,
+    ) -> GenerationRequest:
+        """The request of a generation call with diffusers' keyword names, checked, with the family's defaults.
+
+        `image` is one reference (a PIL image or a file path) or a list of them; the other arguments are those of
+        `_resolve`. A size that is not a multiple of the family's token size is floored, with a warning."""
+        multiple = size_multiple(family)
+        references = _references(image, multiple)
+        side = defaults(family).side
+        if height is None or width is None:
+            ref_h, ref_w = references[0].shape[-2:] if references else (None, None)
+            height = height if height is not None else ref_h or side  # 0 is a bad size, not "default"
+            width = width if width is not None else ref_w or side
+        height, width = _floored(int(height), int(width), multiple)
+        return cls._resolve(family, prompt=prompt, references=references, height=height, width=width, **call)
+
+    @classmethod
+    def for_inpaint(
+        cls,
+        family: FamilyConfig,
+        *,
+        image: Image.Image | str | Path | None = None,
+        mask_image: Image.Image | str | Path | None = None,
+        image_reference: Image.Image | str | Path | list | None = None,
+        strength: float = 0.8,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        prompt: str | list[str] | None = None,
+        **call,
+    ) -> GenerationRequest:
+        """The request of an inpainting call with the keyword names of diffusers' `Flux2KleinInpaintPipeline`.
+
+        White pixels of `mask_image` are repainted, black ones kept; without a mask the whole picture is repainted
+        from `image` noised to `strength` (image-to-image). The output has the size of `image` (shrunk to 1
+        megapixel, floored to the token size) unless `height` / `width` ask for another. `padding_mask_crop` repaints
+        only a crop around the mask, that many pixels wider, and puts it back into the picture."""
+        if image is None:
+            raise UserError("inpainting needs `image`, the picture to repaint")
+        if not 0.0 <= strength <= 1.0:
+            raise UserError(f"strength must be between 0 and 1, got {strength}")
+        multiple = size_multiple(family)
+        picture = _open(image, "image")
+        mask = _open(mask_image, "mask_image") if mask_image is not None else Image.new("L", picture.size, 255)
+        if padding_mask_crop is not None and call.get("output_type", "pil") != "pil":
+            raise UserError("padding_mask_crop pastes the repainted crop into the picture: use output_type='pil'")
+        size = inpaint_size(picture, multiple)
+        width = size[0] if width is None else width
+        height = size[1] if height is None else height
+        height, width = _floored(int(height), int(width), multiple)
+        overlay = None
+        if padding_mask_crop is not None:
+            full_mask = mask.convert("L").resize(picture.size)
+            overlay = Overlay(picture, full_mask, crop_region(full_mask, width, height, padding_mask_crop))
+        box = overlay.box if overlay else None
+        repaint = Repaint(
+            image=inpaint_image_tensor(picture, width, height, box),
+            mask=mask_tensor(mask, width, height, box),
+            strength=float(strength),
+            overlay=overlay,
+        )
+        if not repaint.mask.any():
+            raise UserError("mask_image marks nothing to repaint (it is all black); white pixels mark what to repaint")
+        references = _references(image_reference, multiple)
+        check_references(len(references) + 1)  # the picture itself is the first reference
+        request = cls._resolve(
+            family, prompt=prompt, references=references, height=height, width=width, repaint=repaint, **call
+        )
+        if request.num_steps - repaint.first_step(request.num_steps) < 1:
+            raise UserError(
+                f"strength {strength} leaves no denoising step of {request.num_steps}; raise strength or "
+                "num_inference_steps"
+            )
+        return request
+
+    @classmethod
+    def _resolve(
+        cls,
+        family: FamilyConfig,
+        *,
+        prompt: str | list[str] | None,
+        references: list[Tensor],
+        height: int,
+        width: int,
+        repaint: Repaint | None = None,
         num_inference_steps: int | None = None,
         sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
@@ -152,11 +274,8 @@ class GenerationRequest:
         text_encoder_out_layers: tuple[int, ...] | None = None,
         show_progress: bool = True,
     ) -> GenerationRequest:
-        """The request of a pipeline call with diffusers' keyword names, checked, with the family's defaults.
-
-        `seed` is a shortcut for `generator=torch.Generator("cpu").manual_seed(seed)`. `image` is one reference
-        (a PIL image or a file path) or a list of them. A size that is not a multiple of the family's token size is
-        floored, with a warning."""
+        """The arguments every call shares. `seed` is a shortcut for
+        `generator=torch.Generator("cpu").manual_seed(seed)`; steps and guidance default to the family's."""
         if (prompt is None) == (prompt_embeds is None):
             raise UserError("pass exactly one of `prompt` and `prompt_embeds`")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
@@ -173,21 +292,12 @@ class GenerationRequest:
         unknown = set(callback_on_step_end_tensor_inputs) - set(CALLBACK_TENSORS)
         if unknown:
             raise UserError(f"callback_on_step_end_tensor_inputs may name latents and prompt_embeds, not {unknown}")
-        multiple = size_multiple(family)
-        references = _references(image, multiple)
         fallback = defaults(family)
-        if height is None or width is None:
-            ref_h, ref_w = references[0].shape[-2:] if references else (None, None)
-            height = height if height is not None else ref_h or fallback.side  # 0 is a bad size, not "default"
-            width = width if width is not None else ref_w or fallback.side
-        height, width = int(height), int(width)
-        floored = floor_size(height, width, multiple)
-        if floored != (height, width):
-            warnings.warn(
-                f"size {width}x{height} is not a multiple of {multiple}; using {floored[1]}x{floored[0]}", stacklevel=4
-            )
         steps = fallback.steps if num_inference_steps is None else num_inference_steps
         check_steps(steps)
+        guidance = fallback.guidance if guidance_scale is None else guidance_scale
+        if guidance < 0:
+            raise UserError(f"guidance_scale must be >= 0, got {guidance}")
         if sigmas is not None and (len(sigmas) < 1 or not all(0 < s <= 1 for s in sigmas)):
             raise UserError("sigmas must be a non-empty list of values in (0, 1], e.g. numpy.linspace(1, 1/N, N)")
         return cls(
@@ -195,11 +305,11 @@ class GenerationRequest:
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             references=references,
-            height=floored[0],
-            width=floored[1],
+            height=height,
+            width=width,
             num_steps=int(steps),
             sigmas=None if sigmas is None else [float(s) for s in sigmas],
-            guidance=float(fallback.guidance if guidance_scale is None else guidance_scale),
+            guidance=float(guidance),
             num_images_per_prompt=num_images_per_prompt,
             generator=generator,
             latents=latents,
@@ -209,10 +319,13 @@ class GenerationRequest:
             callback=callback_on_step_end,
             callback_inputs=tuple(callback_on_step_end_tensor_inputs),
             show_progress=show_progress,
+            repaint=repaint,
         )
 
-    def image_parameters(self, *, prompt: str, model: str, seed: int, references=(), loras=()) -> ImageParameters:
-        """The PNG parameters of one image of this request."""
+    def image_parameters(
+        self, *, prompt: str, model: str, seed: int, references=(), loras=(), init=None, mask=None
+    ) -> ImageParameters:
+        """The PNG parameters of one image of this request (`init` and `mask` name an inpainting's pictures)."""
         return ImageParameters(
             prompt=prompt,
             model=model,
@@ -223,7 +336,28 @@ class GenerationRequest:
             guidance=self.guidance,
             references=tuple(str(r) for r in references),
             loras=tuple(loras),
+            init=None if init is None else str(init),
+            mask=None if mask is None else str(mask),
+            strength=None if self.repaint is None else self.repaint.strength,
         )
+
+
+def _floored(height: int, width: int, multiple: int) -> tuple[int, int]:
+    floored = floor_size(height, width, multiple)
+    if floored != (height, width):
+        warnings.warn(
+            f"size {width}x{height} is not a multiple of {multiple}; using {floored[1]}x{floored[0]}", stacklevel=5
+        )
+    return floored
+
+
+def _open(image, name: str) -> Image.Image:
+    """A PIL image or the file at a path, fully read; anything else is a UserError naming the argument."""
+    if isinstance(image, (str, Path)):
+        return open_reference_image(image, what=name)
+    if not isinstance(image, Image.Image):
+        raise UserError(f"{name} is a {type(image).__name__}; pass a PIL image or a file path")
+    return image
 
 
 def _references(image, multiple: int) -> list[Tensor]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -111,6 +112,24 @@ def initial_noise(
 
 # the denoising loops
 
+
+@dataclass(frozen=True)
+class KnownRegion:
+    """Inpainting: the tokens outside the mask are the picture's, noised to the current noise level (diffusers'
+    `scale_noise`), so only the masked region is generated. All (B, N, C) packed tokens; `mask` is (B, N, 1)."""
+
+    image: Tensor  # the picture's clean, normalised latents
+    noise: Tensor  # the noise the run started from
+    mask: Tensor  # 1 = repaint, 0 = keep; fractional at the mask's edges (bilinear downsampling)
+
+    def noised(self, sigma: Tensor) -> Tensor:
+        sigma = sigma.to(self.image.dtype)
+        return sigma * self.noise + (1.0 - sigma) * self.image
+
+    def blend(self, latents: Tensor, sigma: Tensor) -> Tensor:
+        """After a step to noise level `sigma`: the generated tokens inside the mask, the picture's outside."""
+        return (1 - self.mask) * self.noised(sigma) + self.mask * latents
+
 # Called after every step with (step, timestep x 1000, latents, prompt embeddings); returns the (possibly
 # replaced) latents and embeddings, as diffusers' `callback_on_step_end` may.
 StepCallback = Callable[[int, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -138,6 +157,7 @@ def denoise(
     ref_ids: Tensor | None = None,
     negative_ctx: Tensor | None = None,
     cfg_scale: float = 1.0,
+    known: KnownRegion | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -145,7 +165,8 @@ def denoise(
 
     x_ids (N, 4), ctx (B, L, ctx_dim), ctx_ids (L, 4); `guidance` (B,) goes into the DiT's guidance embedding (dev).
     Reference tokens (B, R, C) with ids (R, 4) are appended after the noisy ones and only the noisy tokens' velocity
-    is kept. With `negative_ctx`, true classifier-free guidance: v = v_neg + cfg_scale * (v - v_neg).
+    is kept. With `negative_ctx`, true classifier-free guidance: v = v_neg + cfg_scale * (v - v_neg). With
+    `known` (inpainting), the region outside the mask is put back after every step.
     """
     dtype = next(dit.parameters()).dtype
     batch, num_img = latents.shape[:2]
@@ -162,6 +183,8 @@ def denoise(
             v_neg = dit(x, ids, t, negative_ctx.to(dtype), negative_ids, None)[:, :num_img]
             v = v_neg + cfg_scale * (v - v_neg)
         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if known is not None:
+            latents = known.blend(latents, sigmas[i + 1])
         if on_step is not None:
             latents, ctx = on_step(i, sigmas[i] * 1000, latents, ctx)
     return latents
@@ -177,6 +200,7 @@ def denoise_kv(
     ctx_ids: Tensor,
     ref_tokens: Tensor,
     ref_ids: Tensor,
+    known: KnownRegion | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
 ) -> Tensor:
@@ -195,6 +219,8 @@ def denoise_kv(
         else:
             v = dit.forward_kv_cached(x, x_ids[None], t, ctx.to(dtype), ctx_ids[None], kv_cache)
         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
+        if known is not None:
+            latents = known.blend(latents, sigmas[i + 1])
         if on_step is not None:
             latents, ctx = on_step(i, sigmas[i] * 1000, latents, ctx)
     return latents

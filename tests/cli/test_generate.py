@@ -102,3 +102,26 @@ def test_info_names_the_family_of_a_bfl_transformer_file(tmp_path, capsys):
     truncated.write_bytes(path.read_bytes()[:-100])
     assert main(["info", str(truncated)]) == 2
     assert "truncated.safetensors is truncated" in capsys.readouterr().err
+
+
+def test_generate_inpaints_an_init_picture_and_its_png_reproduces_it(model, tmp_path, capsys):
+    from featherflux.pipeline import load_pipeline
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(init)
+    marks = np.zeros((64, 80), dtype=np.uint8)
+    marks[:, 40:] = 255
+    Image.fromarray(marks).save(mask)
+    out = tmp_path / "inpainted.png"
+    args = ["generate", "a cat", "--model", model, "--init", str(init), "--mask", str(mask), "--strength", "0.7",
+            "--steps", "3", "--seed", "3", "-o", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    meta = read_png_parameters(out)
+    assert (meta["init"], meta["mask"], meta["strength"], meta["steps"]) == (str(init), str(mask), 0.7, 3)
+    again = load_pipeline(meta["model"]).inpaint(
+        prompt=meta["prompt"], image=meta["init"], mask_image=meta["mask"], strength=meta["strength"],
+        num_inference_steps=meta["steps"], guidance_scale=meta["guidance"], seed=meta["seed"], show_progress=False,
+    ).images[0]
+    assert np.abs(np.asarray(again, dtype=np.int16) - pixels(out)).max() <= 1
+    assert main(["generate", "a cat", "--model", model, "--mask", str(mask)]) == 2
+    assert "pass --init IMAGE too" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`featherflux generate PROMPT [--model M] [--image REF]... [-o OUT.png]`: text to image, or editing from references.
+"""`featherflux generate PROMPT [--model M] [--image REF]... [--init IMAGE [--mask MASK] [--strength S]] [-o OUT.png]`:
+text to image, editing from references, or inpainting a picture.
 
 Each PNG carries what reproduces it (prompt, model, seed, size, steps, guidance, references, LoRAs) in text chunks
 (`featherflux.request.ImageParameters`); with `--num-images K`, image i is seeded `seed + i`, so any one of them can
@@ -20,7 +21,7 @@ from featherflux.errors import UserError
 from featherflux.images import open_reference_image, save_png
 from featherflux.loading import demo_folder
 from featherflux.pipeline import load_pipeline
-from featherflux.request import MAX_REFERENCES, MIN_SIDE, floor_size
+from featherflux.request import MAX_REFERENCES, MIN_SIDE, GenerationRequest, floor_size
 
 
 def register(subparsers) -> None:
@@ -29,6 +30,11 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="pipeline folder, hub repo id in the local HF cache, or 'demo' (default: demo)")
     p.add_argument("--image", action="append", default=[], metavar="REF",
                    help="reference image to edit from; repeat for up to 10")
+    p.add_argument("--init", metavar="IMAGE", help="inpaint this picture (its size is the output's by default)")
+    p.add_argument("--mask", metavar="MASK",
+                   help="with --init: white pixels are repainted, black kept (default: repaint all, image-to-image)")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="with --init: how far to move from the picture, 0..1 (default 0.8; 1 starts from noise)")
     p.add_argument("--width", type=int, help="default: the first reference's width, else the model's default")
     p.add_argument("--height", type=int, help="default: the first reference's height, else the model's default")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
@@ -81,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{len(args.image)} --image references given; at most {MAX_REFERENCES} are supported")
     if args.width is not None or args.height is not None:
         floor_size(MIN_SIDE if args.height is None else args.height, MIN_SIDE if args.width is None else args.width)
+    if args.init is None and args.mask is not None:
+        raise UserError("--mask marks what to repaint in the --init picture; pass --init IMAGE too")
+    if not 0 <= args.strength <= 1:
+        raise UserError(f"--strength must be between 0 and 1, got {args.strength}")
     model = args.model
     if model is None:
         if not (demo_folder() / "model_index.json").is_file():
@@ -89,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     seed = random.randrange(2**32) if args.seed is None else args.seed
     paths = output_paths(args.output, seed, args.num_images)
     references = [open_reference_image(p) for p in args.image]  # bad files fail before the model loads
+    init = open_reference_image(args.init, what="--init picture") if args.init else None
+    mask = open_reference_image(args.mask, what="--mask") if args.mask else None
     with warnings.catch_warnings():
         warnings.showwarning = _note
         warnings.simplefilter("default", UserWarning)
@@ -99,16 +111,21 @@ def run(args: argparse.Namespace) -> int:
                 print(f"featherflux: memory plan: {pipe.placement.plan.explanation}", file=sys.stderr)
             for lora_path, lora_scale in args.lora:
                 pipe.load_lora(lora_path, scale=lora_scale)
-            request = pipe.request(
-                args.prompt,
-                image=references or None,
-                width=args.width,
-                height=args.height,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)],
-                num_images_per_prompt=args.num_images,
-            )
+            call = {
+                "width": args.width,
+                "height": args.height,
+                "num_inference_steps": args.steps,
+                "guidance_scale": args.guidance,
+                "generator": [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)],
+                "num_images_per_prompt": args.num_images,
+            }
+            if init is None:
+                request = pipe.request(args.prompt, image=references or None, **call)
+            else:
+                request = GenerationRequest.for_inpaint(
+                    pipe.family, prompt=args.prompt, image=init, mask_image=mask, image_reference=references or None,
+                    strength=args.strength, **call,
+                )
             images = pipe.generate(request)
             for i, (image, path) in enumerate(zip(images, paths)):
                 parameters = request.image_parameters(
@@ -117,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
                     seed=seed + i,
                     references=args.image,
                     loras=[f"{p}:{w}" for p, w in args.lora],
+                    init=args.init,
+                    mask=args.mask,
                 )
                 save_png(image, path, parameters.as_dict())
                 print(path)
