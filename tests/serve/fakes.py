@@ -60,6 +60,13 @@ class FakePipeline:
         ]
         return type("Output", (), {"images": images})()
 
+    def inpaint(self, *, image, mask_image=None, image_reference=None, strength=0.8, **call):
+        """Inpainting in the pipeline contract: records the picture, the mask and the strength, then draws as a call
+        with the picture and its references."""
+        output = self(image=[image, *(image_reference or [])], **call)
+        self.calls[-1] |= {"picture": image, "mask": mask_image, "strength": strength}
+        return output
+
 
 def free_port() -> int:
     with socket.socket() as s:

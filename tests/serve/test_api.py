@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -258,3 +259,39 @@ def test_metrics_report_device_memory_when_cuda_is_there(tmp_path, monkeypatch):
     text = prometheus_text(JobQueue(FakePipeline(), output_dir=tmp_path))
     assert 'featherflux_device_memory_bytes{device="cuda:0",kind="allocated"} 10' in text
     assert 'featherflux_device_memory_bytes{device="cuda:0",kind="peak_allocated"} 30' in text
+
+
+def test_an_edit_with_an_openai_mask_inpaints_the_first_image(server):
+    picture = png_bytes((96, 64), "blue")
+    mask = Image.new("RGBA", (96, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (48, 0, 96, 64))  # transparent right half: repaint it, as OpenAI defines masks
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    before = len(server.pipe.calls)
+    result = client(server).images.edit(
+        image=[("a.png", picture, "image/png"), ("ref.png", png_bytes(), "image/png")],
+        mask=("mask.png", buffer.getvalue(), "image/png"),
+        prompt="a red ball",
+        extra_body={"seed": 5, "steps": 2, "strength": 0.6},
+    )
+    (call,) = server.pipe.calls[before:]
+    assert call["strength"] == 0.6 and call["references"] == 2 and call["size"] == (96, 64)
+    repaint = np.asarray(call["mask"])
+    assert repaint.shape == (64, 96) and (repaint[:, 48:] == 255).all() and (repaint[:, :48] == 0).all()
+    assert colour(base64.b64decode(result.data[0].b64_json)) == seed_colour(5, "a red ball")
+
+
+def test_mask_and_strength_errors(server):
+    url = server.url + "/v1/images/edits"
+    no_image = httpx.post(url, data={"prompt": "x"}, files={"mask": ("m.png", png_bytes(), "image/png")})
+    bad_strength = httpx.post(url, data={"prompt": "x", "strength": "2"}, files={"image": ("a.png", png_bytes())})
+    not_image = httpx.post(
+        url, data={"prompt": "x"}, files={"image": ("a.png", png_bytes()), "mask": ("m.png", b"nope", "image/png")}
+    )
+    empty = httpx.post(
+        url, data={"prompt": "x"}, files={"image": ("a.png", png_bytes()), "mask": ("m.png", png_bytes(colour="black"))}
+    )
+    assert no_image.status_code == 400 and no_image.json()["error"]["param"] == "mask"
+    assert bad_strength.status_code == 400 and bad_strength.json()["error"]["param"] == "strength"
+    assert not_image.status_code == 400 and not_image.json()["error"]["code"] == "invalid_image"
+    assert empty.status_code == 400 and "nothing to repaint" in empty.json()["error"]["message"]

@@ -66,3 +66,29 @@ def test_page_generates_with_live_progress_and_shows_the_picture(tmp_path):
     with Image.open(io.BytesIO(png)) as image:
         assert image.size == (80, 64) and image.getpixel((0, 0)) == seed_colour(42, "a lighthouse at dusk")
     assert pipe.calls[0]["references"] == 1
+
+
+def test_page_sends_a_mask_and_strength_for_inpainting(tmp_path):
+    pipe = FakePipeline()
+    picture, mask = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 64), "green").save(picture, format="PNG")
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(mask, format="PNG")  # all transparent: repaint everything
+    with LiveServer(create_app(pipe, output_dir=tmp_path)) as live, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(live.url + "/")
+            page.fill("#prompt", "a red ball")
+            page.fill("#width", "64")
+            page.fill("#height", "64")
+            page.fill("#steps", "2")
+            page.fill("#strength", "0.5")
+            page.set_input_files("#references", files=[{"name": "a.png", "mimeType": "image/png",
+                                                        "buffer": picture.getvalue()}])
+            page.set_input_files("#mask", files=[{"name": "m.png", "mimeType": "image/png", "buffer": mask.getvalue()}])
+            page.click("#generate")
+            page.wait_for_selector("#gallery figure img", timeout=20_000)
+        finally:
+            browser.close()
+    (call,) = pipe.calls
+    assert call["strength"] == 0.5 and call["mask"].getextrema() == (255, 255)

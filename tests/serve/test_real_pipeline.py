@@ -133,3 +133,29 @@ def test_featherflux_serve_command_serves_the_model_with_loras(tiny_dir, tmp_pat
         assert np.array_equal(picture(), plain)  # and switched off for the next job that does not
         with pytest.raises(openai.BadRequestError, match="unknown LoRA 'thin'; available: bold"):
             picture(loras=["thin"])
+
+
+def test_an_openai_masked_edit_inpaints_like_the_pipeline(tiny_dir, tmp_path):
+    pipe = load_pipeline(tiny_dir)
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    mask = Image.new("RGBA", picture.size, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 40, 64))  # transparent left half: repaint it
+    buffers = [io.BytesIO(), io.BytesIO()]
+    picture.save(buffers[0], format="PNG")
+    mask.save(buffers[1], format="PNG")
+    with LiveServer(create_app(pipe, output_dir=tmp_path)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        served = client.images.edit(
+            image=("picture.png", buffers[0].getvalue(), "image/png"),
+            mask=("mask.png", buffers[1].getvalue(), "image/png"),
+            prompt="a red ball",
+            extra_body={"seed": 4, "steps": 3, "strength": 0.7},
+        )
+    grey = Image.new("L", picture.size, 0)
+    grey.paste(255, (0, 0, 40, 64))
+    expected = pipe.inpaint(
+        prompt="a red ball", image=picture, mask_image=grey, strength=0.7, num_inference_steps=3,
+        generator=[torch.Generator("cpu").manual_seed(4)], show_progress=False,
+    ).images[0]
+    assert served.size == "80x64"
+    assert np.abs(pixels(base64.b64decode(served.data[0].b64_json)) - np.asarray(expected, dtype=np.int16)).max() <= 1

@@ -93,7 +93,21 @@ class ImageParams(BaseModel):
     seed: int | None = None
     steps: int | None = None
     guidance: float | None = None
+    strength: float | None = None  # inpainting: with a mask, or alone for image-to-image of the first image
     loras: list[str | LoraRef] = []
+
+
+@dataclass(frozen=True)
+class Uploads:
+    """The pictures of a request, stored (see files.save_upload) before it becomes a job."""
+
+    references: list[str]  # upload names; with a mask or a strength the first is the picture to repaint
+    mask: str | None
+    first_size: tuple[int, int] | None  # the output size the first picture gives when the request names none
+
+    @property
+    def names(self) -> list[str]:
+        return self.references + ([self.mask] if self.mask else [])
 
 
 def _parse_size(size: str | None) -> tuple[int, int] | None:
@@ -173,11 +187,11 @@ class ServerState:
 
     # ---- requests into jobs -------------------------------------------------------------------------------------
 
-    async def read_request(self, request: Request) -> tuple[ImageParams, list[str], tuple[int, int] | None]:
-        """Parse JSON or multipart into params, stored reference names and the first reference's output size."""
+    async def read_request(self, request: Request) -> tuple[ImageParams, Uploads]:
+        """Parse JSON or multipart into params and the stored pictures (references, an OpenAI-style mask)."""
         limits = self.limits
         content_type = request.headers.get("content-type", "")
-        uploads, body = [], {}
+        uploads, body, mask_upload = [], {}, None
         if content_type.startswith("multipart/form-data"):
             length = int(request.headers.get("content-length") or 0)
             if length > limits.max_upload_bytes * limits.max_references + 1024 * 1024:
@@ -188,12 +202,16 @@ class ServerState:
                     param="image",
                     code="upload_too_large",
                 )
-            form = await request.form(max_files=limits.max_references + 1)
+            form = await request.form(max_files=limits.max_references + 2)
             for key, value in form.multi_items():
                 if key in ("image", "image[]"):
                     if isinstance(value, str):
                         raise ApiError(400, "image must be an uploaded file, not a text field", param="image")
                     uploads.append(value)
+                elif key == "mask":
+                    if isinstance(value, str):
+                        raise ApiError(400, "mask must be an uploaded file, not a text field", param="mask")
+                    mask_upload = value
                 elif key in ("loras", "loras[]"):
                     body.setdefault("loras", []).append(value)
                 else:
@@ -229,11 +247,29 @@ class ServerState:
                 images.append(files.decode_upload(await upload.read(), what=f"image {i + 1} ({upload.filename})"))
             except UserError as e:
                 raise ApiError(400, str(e), param="image", code="invalid_image") from None
+        mask = None
+        if mask_upload is not None:
+            if not images:
+                raise ApiError(400, "a mask marks what to repaint in the first `image`; send that image", param="mask")
+            if mask_upload.size is not None and mask_upload.size > limits.max_upload_bytes:
+                raise ApiError(
+                    413,
+                    f"the mask is {mask_upload.size} bytes; send at most {limits.max_upload_bytes}",
+                    param="mask",
+                    code="upload_too_large",
+                )
+            try:
+                mask = files.decode_mask(await mask_upload.read())
+            except UserError as e:
+                raise ApiError(400, str(e), param="mask", code="invalid_image") from None
+            if not mask.getbbox():
+                raise ApiError(400, "the mask marks nothing to repaint (no transparent pixels)", param="mask")
         first_size = reference_size(*images[0].size, self.size_multiple) if images else None
         references = [await asyncio.to_thread(files.save_upload, self.output_dir, image) for image in images]
-        return params, references, first_size
+        mask_name = await asyncio.to_thread(files.save_upload, self.output_dir, mask) if mask is not None else None
+        return params, Uploads(references, mask_name, first_size)
 
-    def job_spec(self, params: ImageParams, references: list[str], reference_size: tuple[int, int] | None) -> JobSpec:
+    def job_spec(self, params: ImageParams, uploads: Uploads) -> JobSpec:
         limits = self.limits
         if len(params.prompt) > limits.max_prompt_chars:
             raise ApiError(
@@ -249,7 +285,12 @@ class ServerState:
         guidance = self.defaults.guidance if params.guidance is None else params.guidance
         if not 0.0 <= guidance <= 30.0:
             raise ApiError(400, f"guidance={guidance}; use 0 to 30", param="guidance")
-        width, height = _parse_size(params.size) or reference_size or (self.defaults.side, self.defaults.side)
+        if params.strength is not None and not 0.0 <= params.strength <= 1.0:
+            raise ApiError(400, f"strength={params.strength}; use 0 to 1", param="strength")
+        if params.strength is not None and not uploads.references:
+            raise ApiError(400, "strength repaints the first `image`; send that image", param="strength")
+        default_side = (self.defaults.side, self.defaults.side)
+        width, height = _parse_size(params.size) or uploads.first_size or default_side
         try:
             height, width = floor_size(height, width, self.size_multiple)
         except UserError as e:
@@ -265,15 +306,17 @@ class ServerState:
             guidance=guidance,
             seed=seed,
             n=params.n,
-            references=tuple(references),
+            references=tuple(uploads.references),
             loras=_loras(params.loras, self.loras),
+            mask=uploads.mask,
+            strength=params.strength,
         )
 
-    def submit(self, owner: str, params: ImageParams, references: list[str], reference_size) -> Job:
+    def submit(self, owner: str, params: ImageParams, uploads: Uploads) -> Job:
         try:
-            return self._enqueue(owner, self.job_spec(params, references, reference_size))
+            return self._enqueue(owner, self.job_spec(params, uploads))
         except ApiError:
-            files.delete_uploads(self.output_dir, references)  # the job was not accepted: nothing will read them
+            files.delete_uploads(self.output_dir, uploads.names)  # the job was not accepted: nothing will read them
             raise
 
     def _enqueue(self, owner: str, spec: JobSpec) -> Job:
@@ -359,10 +402,10 @@ def _state(request: Request) -> ServerState:
 async def _openai_call(request: Request, *, edit: bool) -> dict:
     state = _state(request)
     owner = state.submitter(request)
-    params, references, reference_size = await state.read_request(request)
-    if edit and not references:
+    params, uploads = await state.read_request(request)
+    if edit and not uploads.references:
         raise ApiError(400, "an edit needs at least one reference image as an `image` file part", param="image")
-    job = state.submit(owner, params, references, reference_size)
+    job = state.submit(owner, params, uploads)
     return state.openai_result(request, await state.wait_for(request, job), params.response_format or "b64_json")
 
 
@@ -380,8 +423,8 @@ async def edits(request: Request):
 async def create_job(request: Request):
     state = _state(request)
     owner = state.submitter(request)
-    params, references, reference_size = await state.read_request(request)
-    return state.submit(owner, params, references, reference_size).public()
+    params, uploads = await state.read_request(request)
+    return state.submit(owner, params, uploads).public()
 
 
 @router.get("/v1/jobs/{job_id}")

@@ -58,6 +58,24 @@ def decode_upload(data: bytes, *, what: str) -> Image.Image:
     return image
 
 
+def decode_mask(data: bytes, *, what: str = "mask") -> Image.Image:
+    """An uploaded mask as a grey picture, white = repaint. OpenAI's masks mark what to edit with fully transparent
+    pixels, so a mask with an alpha channel is read that way; one without is taken as grey, white = repaint."""
+    try:
+        mask = Image.open(io.BytesIO(data))
+        if mask.width * mask.height > MAX_REFERENCE_PIXELS:
+            raise UserError(f"{what} is {mask.width}x{mask.height}; send at most {MAX_REFERENCE_PIXELS} pixels")
+        mask.load()
+    except UserError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{what} is not a readable image (PNG with transparency, or black and white): {e}") from None
+    if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
+        alpha = mask.convert("RGBA").getchannel("A")
+        return alpha.point(lambda a: 255 if a == 0 else 0)
+    return mask.convert("L")
+
+
 def save_upload(folder: Path, image: Image.Image) -> str:
     """Keep a reference image on disk (so a queued job survives a restart); return its name under `uploads/`."""
     name = f"{new_id()}.png"
@@ -72,8 +90,8 @@ def delete_uploads(folder: Path, names: tuple[str, ...] | list[str]) -> None:
             (folder / "uploads" / name).unlink(missing_ok=True)
 
 
-def load_upload(folder: Path, name: str) -> Image.Image:
+def load_upload(folder: Path, name: str, mode: str = "RGB") -> Image.Image:
     if not UPLOAD_NAME.fullmatch(name):
         raise UserError(f"reference {name!r} is not an upload name")
     with Image.open(folder / "uploads" / name) as image:
-        return image.convert("RGB")
+        return image.convert(mode)

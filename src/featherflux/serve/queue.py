@@ -65,10 +65,16 @@ class JobSpec:
     n: int = 1
     references: tuple[str, ...] = ()  # upload names (files.save_upload)
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale)
+    mask: str | None = None  # inpainting: an upload name; the first reference is the picture repainted
+    strength: float | None = None  # inpainting (with or without a mask: without, the whole picture changes)
+
+    @property
+    def inpaint(self) -> bool:
+        return self.mask is not None or self.strength is not None
 
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share one forward pass; reference images make a job run alone."""
-        if self.references:
+        if self.references or self.inpaint:
             return None
         return (self.width, self.height, self.steps, self.guidance, self.loras)
 
@@ -82,8 +88,11 @@ class JobSpec:
             height=self.height,
             steps=self.steps,
             guidance=self.guidance,
-            references=self.references,
+            references=self.references[1:] if self.inpaint else self.references,
             loras=tuple(f"{name}:{scale}" for name, scale in self.loras),
+            init=self.references[0] if self.inpaint else None,
+            mask=self.mask,
+            strength=self.strength if self.strength is not None else (0.8 if self.inpaint else None),
         )
 
 
@@ -398,13 +407,20 @@ class JobQueue:
         try:
             if self.set_loras is not None:
                 self.set_loras(self.pipeline, spec.loras)
-            kwargs = {}
-            if spec.references:
-                kwargs["image"] = [files.load_upload(self.output_dir, name) for name in spec.references]
+            kwargs, generate = {}, self.pipeline
+            pictures = [files.load_upload(self.output_dir, name) for name in spec.references]
+            if spec.inpaint:
+                generate = self.pipeline.inpaint
+                kwargs["image"], kwargs["image_reference"] = pictures[0], pictures[1:] or None
+                kwargs["mask_image"] = files.load_upload(self.output_dir, spec.mask, "L") if spec.mask else None
+                if spec.strength is not None:
+                    kwargs["strength"] = spec.strength
+            elif pictures:
+                kwargs["image"] = pictures
             generators = [
                 torch.Generator("cpu").manual_seed(job.spec.seed + i) for job in batch for i in range(job.spec.n)
             ]
-            images = self.pipeline(
+            images = generate(
                 prompt=[job.spec.prompt for job in batch for _ in range(job.spec.n)],
                 height=spec.height,
                 width=spec.width,
@@ -469,7 +485,7 @@ class JobQueue:
 
     def _finish(self, job: Job, state: str, *, status: int | None = None, error: str | None = None) -> None:
         job.state, job.status, job.error, job.finished = state, status, error, time.time()
-        files.delete_uploads(self.output_dir, job.spec.references)
+        files.delete_uploads(self.output_dir, job.spec.references + ((job.spec.mask,) if job.spec.mask else ()))
         self._emit(job, "done")
         self._persist()
 
