@@ -295,3 +295,14 @@ def test_mask_and_strength_errors(server):
     assert bad_strength.status_code == 400 and bad_strength.json()["error"]["param"] == "strength"
     assert not_image.status_code == 400 and not_image.json()["error"]["code"] == "invalid_image"
     assert empty.status_code == 400 and "nothing to repaint" in empty.json()["error"]["message"]
+
+
+def test_metrics_need_a_key_when_the_server_has_keys_unless_made_public(tmp_path):
+    keys = tmp_path / "keys"
+    alice = add_key(keys, "alice")
+    for public, expected in ((False, 401), (True, 200)):
+        app = create_app(FakePipeline(), output_dir=tmp_path / "out", api_keys=keys, metrics_public=public)
+        with LiveServer(app) as live:
+            assert httpx.get(live.url + "/metrics").status_code == expected
+            with_key = httpx.get(live.url + "/metrics", headers={"Authorization": f"Bearer {alice}"})
+            assert with_key.status_code == 200 and "featherflux_queue_depth" in with_key.text

@@ -147,6 +147,9 @@ def test_auth_accepted_and_refused():
         assert answer.status_code == 401 and answer.json()["error"]["type"] == "authentication_error"
         assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # probes need no token
         assert httpx.get(server.url + "/metrics").status_code == 401
+    with Server(create_encoder_app(HashEncoder(), token="s3cret", metrics_public=True)) as server:
+        assert httpx.get(server.url + "/metrics").status_code == 200  # for a Prometheus scraper without the token
+        assert httpx.post(server.url + "/v1/encode", json={"prompts": ["a"]}).status_code == 401  # the rest is not
 
 
 def test_family_mismatch_is_a_clear_error():

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     add_device(p)
     p.add_argument("--cache-mb", type=int, default=1024, help="embedding cache size in MiB (0 turns it off)")
     p.add_argument("--max-batch", type=int, default=32, help="most prompts encoded in one encoder call")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without the token (for a Prometheus scraper); by default it needs it")
     p.set_defaults(func=run)
 
 
@@ -53,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
         token=token,
         cache_bytes=args.cache_mb << 20,
         max_batch_prompts=args.max_batch,
+        metrics_public=args.metrics_public,
     )
     return 0

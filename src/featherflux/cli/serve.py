@@ -36,6 +36,8 @@ def register(subparsers) -> None:
         help="on SIGTERM, how long running jobs may finish before they are saved for the next start",
     )
     p.add_argument("--lora-dir", type=Path, help="folder of *.safetensors LoRAs requests may name (by file stem)")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve /metrics without an API key (for a Prometheus scraper); by default it needs one")
     add_device(p)
     add_placement(p)
     add_text_encoder(p)
@@ -72,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         rate_limit=(args.rate_limit, args.burst),
         loras=loras,
         drain_seconds=args.drain_seconds,
+        metrics_public=args.metrics_public,
     )
     print(
         f"featherflux: serving {args.model} on http://{args.host}:{args.port}/ (images in {args.output_dir})",

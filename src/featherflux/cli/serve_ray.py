@@ -38,7 +38,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         model=str(args.model), output_dir=str(args.output_dir.resolve()),
         api_keys=str(args.api_keys.resolve()) if args.api_keys else None, max_queue=args.max_queue,
         max_batch=args.max_batch, job_timeout=args.job_timeout, rate_limit=args.rate_limit, burst=args.burst,
-        drain_seconds=args.drain_seconds,
+        drain_seconds=args.drain_seconds, metrics_public=args.metrics_public,
         lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None, device=args.device,
         dtype=dtype_name(args.dtype), placement=placement,
         text_encoder=args.text_encoder, text_encoder_token=args.text_encoder_token,

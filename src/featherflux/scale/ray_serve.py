@@ -50,6 +50,7 @@ class ReplicaSettings:
     rate_limit: float = 120.0  # per key and per replica
     burst: int = 30
     drain_seconds: float = 30.0
+    metrics_public: bool = False  # /metrics without an API key
     lora_dir: str | None = None
     device: str = "cpu"
     dtype: str | None = None  # "bfloat16", ...; None keeps the checkpoint's
@@ -81,6 +82,7 @@ class ImageService:
         app = create_app(self.pipe, api_keys=Path(s.api_keys) if s.api_keys else None, max_queue=s.max_queue,
                          output_dir=output_dir, max_batch=s.max_batch, job_timeout=s.job_timeout,
                          rate_limit=(s.rate_limit, s.burst), loras=loras, drain_seconds=s.drain_seconds,
+                         metrics_public=s.metrics_public,
                          state_file=output_dir / f"queue-replica-{rank}.jsonl")
         return shared_jobs(app, replica=rank, api_keys=Path(s.api_keys) if s.api_keys else None)
 

@@ -154,6 +154,7 @@ class ServerState:
     defaults: Defaults  # the pipeline family's steps, guidance and side
     size_multiple: int  # the pipeline family's size rule
     model: str | None = None  # the pipeline's model id
+    metrics_public: bool = False  # /metrics without a key, for a Prometheus scraper
 
     # ---- who is asking ----------------------------------------------------------------------------------------
 
@@ -489,7 +490,10 @@ async def health(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    return PlainTextResponse(prometheus_text(_state(request).queue), media_type="text/plain; version=0.0.4")
+    state = _state(request)
+    if not state.metrics_public:
+        state.owner_of(request)  # behind the API keys when the server has keys, like every other endpoint
+    return PlainTextResponse(prometheus_text(state.queue), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/")
@@ -526,12 +530,14 @@ def create_app(
     limits: Limits = Limits(),
     drain_seconds: float = 30.0,
     state_file: Path | None = None,
+    metrics_public: bool = False,
 ) -> FastAPI:
     """The FastAPI app serving `pipeline` (anything called with diffusers' keyword names).
 
     `api_keys` is a keys file (see `auth.py`); without one every client is let in and clients are told apart
     by address. `rate_limit` is (requests per minute, burst) per API key for requests that create jobs.
     `loras` maps LoRA names a request may ask for to adapter files; applying them needs `pipeline.set_loras`.
+    With keys, /metrics needs one too unless `metrics_public`.
     """
     output_dir = Path(output_dir)
     loras = dict(loras or {})
@@ -563,6 +569,7 @@ def create_app(
         defaults=defaults(family),
         size_multiple=size_multiple(family),
         model=getattr(pipeline, "model_id", None),
+        metrics_public=metrics_public,
     )
 
     @contextlib.asynccontextmanager

@@ -295,8 +295,12 @@ def create_encoder_app(
     max_batch_prompts: int = 32,
     batch_window_s: float = 0.005,
     cache_bytes: int = 1 << 30,
+    metrics_public: bool = False,
 ) -> FastAPI:
-    """A FastAPI app serving `encoder` (anything with `encode(prompts, max_sequence_length)`, `model_id`, `family`)."""
+    """A FastAPI app serving `encoder` (anything with `encode(prompts, max_sequence_length)`, `model_id`, `family`).
+
+    With a `token`, every endpoint but /health needs it; `metrics_public=True` opens /metrics for a Prometheus
+    scraper that has no token."""
     limits = Limits(max_prompts, max_prompt_chars, max_body_bytes, max_sequence_length)
     cache = PromptCache(cache_bytes)
     metrics = Metrics()
@@ -380,7 +384,8 @@ def create_encoder_app(
     @app.get("/metrics")
     async def metrics_text(request: Request) -> Response:
         try:
-            check_token(request)
+            if not metrics_public:
+                check_token(request)
         except RequestError as e:
             return _error(e.status, e.message, e.kind)
         return PlainTextResponse(metrics.render(cache), media_type="text/plain; version=0.0.4")
