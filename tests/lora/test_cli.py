@@ -56,10 +56,11 @@ def test_train_lora_command(tmp_path, klein_dir, capsys):
         "--gradient-checkpointing",
     ]
     assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert (
-        "3 images with captions; 1 skipped without a .txt caption" in printed and "1 skipped as unreadable" in printed
+    printed = capsys.readouterr()
+    assert (  # the data report is a notice (stderr); stdout holds only the files written, for scripts
+        "3 images with captions; 1 skipped without a .txt caption" in printed.err and "1 skipped as unreadable" in printed.err
     )
+    assert printed.out.split() == [str(out / "diffusers" / "pytorch_lora_weights.safetensors"), str(out / "lora.safetensors")]
     assert (out / "lora.safetensors").is_file() and (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-0000002.png"]
     assert (out / "checkpoints" / "step-0000001" / "state.json").is_file()

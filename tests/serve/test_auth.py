@@ -35,3 +35,17 @@ def test_token_bucket_allows_a_burst_then_refills():
     wait = limiter.take("a")
     assert 0.0 < wait <= 0.1
     assert limiter.take("b") == 0.0  # buckets are per key
+
+
+def test_keys_add_prints_only_the_key_on_stdout_for_scripts(tmp_path):
+    """`KEY=$(featherflux keys add alice --file keys.txt)` holds just the key; the notice goes to stderr."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "featherflux", "keys", "add", "alice", "--file", str(tmp_path / "keys.txt")],
+        capture_output=True, text=True, check=True,
+    )
+    (key,) = done.stdout.split()
+    assert key.startswith("ff-") and "shown only now" in done.stderr
+    assert find_key(read_keys(tmp_path / "keys.txt"), key) == "alice"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from featherflux.cli.options import add_device
 from featherflux.scale.batch import run_batch
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_batch(args.jobs, args.output, args.model, use_ray=args.ray, workers=args.workers,
                        ray_address=args.address, device=args.device, dtype=args.dtype)
     print(f"batch: {report.done} rendered, {report.skipped} already done, {len(report.failed)} failed, "
-          f"{len(report.problems)} malformed line(s) skipped")
+          f"{len(report.problems)} malformed line(s) skipped", file=sys.stderr)
     for failure in report.failed:
-        print(f"  failed {failure}")
+        print(f"  failed {failure}", file=sys.stderr)
     return 1 if report.failed or report.problems else 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from featherflux.cli.options import add_device
@@ -42,11 +43,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--cache-mb must be >= 0 and --max-batch >= 1")
     token = read_token(args.token_file) if args.token_file else None
     if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"featherflux: warning: serving on {args.host} without --token-file; anyone who can reach it may use it")
+        print(
+            f"featherflux: warning: serving on {args.host} without --token-file; anyone who can reach it may use it",
+            file=sys.stderr,
+        )
     encoder = load_pipeline_prompt_encoder(args.model, device=args.device, dtype=args.dtype)
     print(
         f"featherflux: encoding for {encoder.family} ({encoder.model_id}) on http://{args.host}:{args.port}/v1/encode",
-        flush=True,
+        file=sys.stderr,
     )
     run_encoder_server(
         encoder,

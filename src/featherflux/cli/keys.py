@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from featherflux.serve.auth import add_key
@@ -20,5 +21,5 @@ def register(subparsers) -> None:
 def run_add(args: argparse.Namespace) -> int:
     key = add_key(args.file, args.name)
     print(key)
-    print(f"# key for {args.name!r} added to {args.file}; it is shown only now, so store it safely", flush=True)
+    print(f"# key for {args.name!r} added to {args.file}; it is shown only now, so store it safely", file=sys.stderr)
     return 0

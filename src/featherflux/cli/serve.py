@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from featherflux.cli.options import add_device, add_placement, add_text_encoder, pipeline_options
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"featherflux: serving {args.model} on http://{args.host}:{args.port}/ (images in {args.output_dir})",
-        flush=True,
+        file=sys.stderr,
     )
     run_server(app, host=args.host, port=args.port)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,11 +50,11 @@ def finetune(pipe, setup: FinetuneSetup, config: TrainConfig) -> TrainResult:
             max_sequence_length=length,
             extra_prompts=prompts,
         )
-        print(f"training data: {report.summary()}")
+        print(f"training data: {report.summary()}", file=sys.stderr)
         data.save(cache_path, extra, key)
     else:
         data, extra = cached
-        print(f"training data: {len(data)} cached samples from {cache_path}")
+        print(f"training data: {len(data)} cached samples from {cache_path}", file=sys.stderr)
     free_encoders(pipe)  # the encoders are done: latents and embeddings are cached
     if setup.quantize:
         quantize(pipe.transformer, setup.quantize)

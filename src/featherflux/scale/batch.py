@@ -8,6 +8,7 @@ as soon as each PNG is in place; a rerun skips what the manifest already holds.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def run_batch(
     jobs_file, output_dir = Path(jobs_file), Path(output_dir)
     jobs, problems = read_jobs(jobs_file)
     for problem in problems:
-        tqdm.write(f"featherflux batch: skipped {problem}")
+        tqdm.write(f"featherflux batch: skipped {problem}", file=sys.stderr)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir / MANIFEST_NAME)
     pending = [job for job in jobs if not manifest.is_done(job, output_dir)]

@@ -20,6 +20,7 @@ People who write their own Serve config import the application builder:
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -146,7 +147,7 @@ def run(settings: ReplicaSettings, *, host: str, port: int, address: str | None 
     ray.init(address=address, include_dashboard=False)
     deploy(settings, host=host, port=port, **options)
     print(f"featherflux: serving {settings.model} on Ray Serve at http://{host}:{port}/ (images in "
-          f"{settings.output_dir})", flush=True)
+          f"{settings.output_dir})", file=sys.stderr)
     try:
         while True:
             time.sleep(3600)
