@@ -52,3 +52,28 @@ def test_missing_files_are_file_not_found_errors(tmp_path):
     assert isinstance(raised.value, WeightsError)
     with pytest.raises(FileNotFoundError, match="reference image"):
         open_reference_image(tmp_path / "ref.png")
+
+
+def test_a_missing_optional_dependency_names_the_extra_to_install(monkeypatch, capsys):
+    import sys
+
+    from featherflux.cli import main
+    from featherflux.memory.quant import quantize
+    from featherflux.text_encoder import RemotePromptEncoder
+    from featherflux.weights.gguf import gguf_package
+
+    for module in ("httpx", "gguf", "bitsandbytes", "ray", "fastapi"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails as if it were not installed
+    for loaded in ("featherflux.serve.api", "featherflux.serve.encoder_service", "featherflux.scale.ray_serve"):
+        monkeypatch.delitem(sys.modules, loaded, raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'featherflux\[serve\]'"):
+        RemotePromptEncoder("http://127.0.0.1:9")
+    with pytest.raises(ImportError, match=r"pip install 'featherflux\[quant\]'"):
+        gguf_package()
+    import torch
+
+    with pytest.raises(ImportError, match=r"NF4 quantization needs the quant extra"):
+        quantize(torch.nn.Sequential(torch.nn.Linear(64, 64)), "nf4")
+    for argv, extra in ((["serve", "--ray"], "ray"), (["serve"], "serve"), (["encode-server", "--model", "m"], "serve")):
+        assert main(argv) == 2
+        assert f"pip install 'featherflux[{extra}]'" in capsys.readouterr().err

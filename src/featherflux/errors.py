@@ -19,3 +19,10 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class MissingWeightsError(WeightsError, MissingFileError):
     """A checkpoint file or folder that is not there."""
+
+
+class MissingExtraError(UserError, ImportError):
+    """A feature whose optional dependencies are not installed; the message names the extra that installs them."""
+
+    def __init__(self, feature: str, extra: str):
+        super().__init__(f"{feature} needs the {extra} extra: pip install 'featherflux[{extra}]'")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from featherflux.cli.options import add_device
-from featherflux.errors import UserError
+from featherflux.errors import MissingExtraError, UserError
 
 
 def register(subparsers) -> None:
@@ -36,8 +36,10 @@ def read_token(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    # the serve extra (fastapi, uvicorn) is optional: imported only to serve
-    from featherflux.serve.encoder_service import load_pipeline_prompt_encoder, run_encoder_server
+    try:  # the serve extra (fastapi, uvicorn) is optional: imported only to serve
+        from featherflux.serve.encoder_service import load_pipeline_prompt_encoder, run_encoder_server
+    except ImportError:
+        raise MissingExtraError("featherflux encode-server", "serve") from None
 
     if args.cache_mb < 0 or args.max_batch < 1:
         raise UserError("--cache-mb must be >= 0 and --max-batch >= 1")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from featherflux.cli.options import add_device, add_placement, add_text_encoder, pipeline_options
 from featherflux.cli.serve_ray import add_ray_arguments, serve_on_ray
-from featherflux.errors import UserError
+from featherflux.errors import MissingExtraError, UserError
 from featherflux.pipeline import load_pipeline
 
 
@@ -51,10 +51,8 @@ def run(args: argparse.Namespace) -> int:
         return serve_on_ray(args)
     try:  # the serve extra is optional: fastapi and uvicorn are imported only to serve
         from featherflux.serve.api import create_app, run_server
-    except ImportError as e:
-        raise UserError(
-            f"serving needs the serve extra ({e.name} is missing): pip install 'featherflux[serve]'"
-        ) from None
+    except ImportError:
+        raise MissingExtraError("featherflux serve", "serve") from None
 
     if args.max_queue < 1 or args.max_batch < 1:
         raise UserError("--max-queue and --max-batch must be at least 1")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from featherflux.cli.options import dtype_name
-from featherflux.errors import UserError
+from featherflux.errors import MissingExtraError, UserError
 
 
 def add_ray_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,10 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def serve_on_ray(args: argparse.Namespace) -> int:
-    from featherflux.scale.ray_serve import ReplicaSettings, parse_autoscale, run  # needs ray: imported on use
+    try:  # the ray extra is optional: imported only to serve on Ray
+        from featherflux.scale.ray_serve import ReplicaSettings, parse_autoscale, run
+    except ImportError:
+        raise MissingExtraError("featherflux serve --ray", "ray") from None
 
     if args.max_queue < 1 or args.max_batch < 1:
         raise UserError("--max-queue and --max-batch must be at least 1")

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from featherflux.atomic import atomic_write
-from featherflux.errors import UserError
+from featherflux.errors import MissingExtraError, UserError
 from featherflux.lora.formats import to_bfl_state_dict, to_diffusers_state_dict
 from featherflux.lora.layers import LoRAAdapter, LoRALinear
 from featherflux.model.swap import replace_module
@@ -269,9 +269,11 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb  # an optional extra (featherflux[quant]), imported only for this optimizer
-
+        except ImportError:
+            raise MissingExtraError("8-bit AdamW", "quant") from None
+        try:
             return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        except (ImportError, AttributeError, RuntimeError) as e:
+        except (AttributeError, RuntimeError) as e:
             raise UserError(f"8-bit AdamW needs a working bitsandbytes ({e}); use --optimizer adamw") from None
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 

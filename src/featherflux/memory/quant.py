@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featherflux.errors import UserError
+from featherflux.errors import MissingExtraError, UserError
 from featherflux.model.swap import replace_module
 
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
@@ -149,7 +149,7 @@ def _bitsandbytes():
     try:
         import bitsandbytes  # an optional extra (featherflux[quant]), imported only for NF4
     except ImportError:
-        raise UserError("NF4 needs bitsandbytes: pip install bitsandbytes") from None
+        raise MissingExtraError("NF4 quantization", "quant") from None
     return bitsandbytes
 
 

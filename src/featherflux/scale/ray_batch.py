@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from featherflux.errors import MissingExtraError
 from featherflux.pipeline import load_pipeline
 from featherflux.scale.jobs import BatchJob
 from featherflux.scale.render import render_or_error
@@ -41,7 +42,10 @@ class JobRenderer:
 def render_on_ray(jobs: list[BatchJob], output_dir: Path, base_dir: Path, model: str, *, workers: int | None,
                   address: str | None, device: str, dtype: torch.dtype | None):
     """Yield manifest records (or error records) as the actors finish jobs."""
-    import ray  # an optional extra (featherflux[ray]): imported only when a batch runs on it
+    try:
+        import ray  # an optional extra: imported only when a batch runs on it
+    except ImportError:
+        raise MissingExtraError("featherflux batch --ray", "ray") from None
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, include_dashboard=False)

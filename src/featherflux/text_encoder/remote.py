@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from featherflux.errors import UserError
+from featherflux.errors import MissingExtraError, UserError
 from featherflux.text_encoder.wire import decode_embeddings
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def _httpx():
     try:
         import httpx  # optional: imported when a remote encoder is connected
     except ImportError:
-        raise UserError("a remote text encoder needs httpx: pip install 'featherflux[serve]'") from None
+        raise MissingExtraError("a remote text encoder", "serve") from None
     return httpx
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featherflux.errors import WeightsError
+from featherflux.errors import MissingExtraError, WeightsError
 from featherflux.weights.transformer import strip_bfl_prefix
 
 FLOAT_FORMATS = ("F32", "F16", "BF16")
@@ -28,7 +28,7 @@ def gguf_package():
     try:
         import gguf  # an optional extra (featherflux[quant]), imported only to read a .gguf file
     except ImportError:
-        raise WeightsError("reading .gguf files needs the gguf package: pip install gguf") from None
+        raise MissingExtraError("reading a .gguf file", "quant") from None
     return gguf
 
 
