@@ -185,7 +185,7 @@ def test_load_errors_name_the_problem(scratch, tmp_path):
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
     with pytest.raises(WeightsError, match="FluxPipeline"):
         load_pipeline(other)
-    with pytest.raises(UserError, match="hf download nobody/no-such-model"):
+    with pytest.raises(UserError, match="download=True .* `featherflux pull nobody/no-such-model`"):
         load_pipeline("nobody/no-such-model")
 
 

@@ -286,6 +286,8 @@ def load_pipeline(
     text_encoder_token: str | None = None,
     transformer: str | Path | None = None,
     mmap: bool | None = None,
+    download: bool = False,
+    revision: str | None = None,
 ) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline from a diffusers-layout folder (with model_index.json), a hub repo id already in the
     local Hugging Face cache, or "demo" (the small model shipped with featherflux).
@@ -306,6 +308,9 @@ def load_pipeline(
     `text_encoder="http://host:port"` encodes prompts on a `featherflux encode-server` (`featherflux.text_encoder`)
     instead of loading `text_encoder/`; `text_encoder_token` is its bearer token ($FEATHERFLUX_TEXT_ENCODER_TOKEN if
     None).
+
+    A hub repo id is looked up in the local Hugging Face cache; `download=True` fetches what is missing of the files
+    this run needs (at `revision`), through huggingface_hub (`featherflux.loading.hub`).
     """
     parts = load_components(
         path_or_repo_id,
@@ -321,6 +326,8 @@ def load_pipeline(
         text_encoder_token=text_encoder_token,
         transformer=transformer,
         mmap=mmap,
+        download=download,
+        revision=revision,
     )
     pipe = Flux2Pipeline(
         parts.transformer,

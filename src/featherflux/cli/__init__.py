@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "keys",
     "eval_demo",
     "encode_server",
+    "pull",
 ]
 
 

@@ -7,17 +7,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from featherflux.cli.options import add_device
+from featherflux.cli.options import add_device, add_download
 from featherflux.errors import MissingExtraError, UserError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("encode-server", help="serve a model's prompt encoder over HTTP for remote pipelines")
-    p.add_argument("--model", required=True, help="pipeline folder, hub repo id in the local HF cache, or 'demo'")
+    p.add_argument("--model", required=True, help="pipeline folder, hub repo id, or 'demo'")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--token-file", type=Path, help="file holding the bearer token clients must send (no auth without)")
     add_device(p)
+    add_download(p)
     p.add_argument("--cache-mb", type=int, default=1024, help="embedding cache size in MiB (0 turns it off)")
     p.add_argument("--max-batch", type=int, default=32, help="most prompts encoded in one encoder call")
     p.add_argument("--metrics-public", action="store_true",
@@ -49,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
             f"featherflux: warning: serving on {args.host} without --token-file; anyone who can reach it may use it",
             file=sys.stderr,
         )
-    encoder = load_pipeline_prompt_encoder(args.model, device=args.device, dtype=args.dtype)
+    encoder = load_pipeline_prompt_encoder(
+        args.model, device=args.device, dtype=args.dtype, download=bool(args.download), revision=args.revision
+    )
     print(
         f"featherflux: encoding for {encoder.family} ({encoder.model_id}) on http://{args.host}:{args.port}/v1/encode",
         file=sys.stderr,

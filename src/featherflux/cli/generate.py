@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from featherflux.cli.options import add_device, add_placement, add_text_encoder, pipeline_options
+from featherflux.cli.options import add_device, add_download, add_placement, add_text_encoder, pipeline_options
 from featherflux.errors import UserError
 from featherflux.images import open_reference_image, save_png
 from featherflux.loading import demo_folder
@@ -27,7 +27,7 @@ from featherflux.request import MAX_REFERENCES, MIN_SIDE, GenerationRequest, flo
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate images from a prompt (and optional reference images)")
     p.add_argument("prompt")
-    p.add_argument("--model", help="pipeline folder, hub repo id in the local HF cache, or 'demo' (default: demo)")
+    p.add_argument("--model", help="pipeline folder, hub repo id, or 'demo' (default: demo)")
     p.add_argument("--image", action="append", default=[], metavar="REF",
                    help="reference image to edit from; repeat for up to 10")
     p.add_argument("--init", metavar="IMAGE", help="inpaint this picture (its size is the output's by default)")
@@ -43,6 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-images", type=int, default=1, metavar="K")
     p.add_argument("-o", "--output", help="output PNG (default: featherflux-SEED.png); K > 1 adds -0, -1, ...")
     add_device(p)
+    add_download(p)
     add_text_encoder(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    type=parse_lora_arg, help="apply a LoRA file (any common format) at SCALE (default 1); repeatable")

@@ -21,7 +21,7 @@ DTYPES = {
 OFFLOAD_MODES = ("model", "blocks", "sequential")
 QUANTIZE_MODES = ("int8", "fp8", "nf4")
 # load_pipeline keyword arguments that a flag of the same name (dashes for underscores) sets when given
-PIPELINE_FLAGS = ("vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token")
+PIPELINE_FLAGS = ("vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token", "download", "revision")
 
 
 def dtype(value: str) -> torch.dtype:
@@ -63,6 +63,16 @@ def add_text_encoder(p: argparse.ArgumentParser) -> None:
         "--text-encoder-token",
         help="bearer token for the encode server (default: $FEATHERFLUX_TEXT_ENCODER_TOKEN)",
     )
+
+
+def add_download(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="fetch a hub repo id's missing files (only those this run needs) into the Hugging Face cache",
+    )
+    p.add_argument("--revision", help="the hub revision (branch, tag or commit) of --model; default: main")
 
 
 def pipeline_options(args: argparse.Namespace) -> dict:

@@ -1,10 +1,15 @@
-"""`featherflux plan MODEL --vram 24 [--ram 64] [--json]`: print the placement the planner would use."""
+"""`featherflux plan MODEL --vram 24 [--ram 64] [--json]`: print the placement the planner would use, and for a hub
+repo id how much a run would download."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
+from featherflux.errors import UserError
 from featherflux.loading import resolve_family
+from featherflux.loading.hub import download_size, is_repo_id
 from featherflux.memory.planner import plans
 
 
@@ -19,6 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], default="auto", help="fix the quantization")
     p.add_argument("--all", action="store_true", help="also list the other candidate plans")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--revision", help="with a hub repo id: the revision whose download size is told")
     p.set_defaults(func=run)
 
 
@@ -35,10 +41,17 @@ def run(args: argparse.Namespace) -> int:
         file_quantization=file_quantization,
     )
     best = candidates[0]
+    download = _download(args.model, args.revision)
     if args.json:
-        print(best.to_json())
+        print(json.dumps(json.loads(best.to_json()) | download, indent=2))
         return 0 if best.fits else 1
     print(best.explanation)
+    if download:
+        gib = {k: v / 2**30 for k, v in download.items()}
+        print(
+            f"Download: {gib['download_bytes']:.1f} GiB of weights and configs for this run, "
+            f"{gib['download_missing_bytes']:.1f} GiB of it not in the local cache yet."
+        )
     if args.all:
         print("\ncandidates (best first):")
         for p in candidates:
@@ -47,3 +60,15 @@ def run(args: argparse.Namespace) -> int:
                 f"peak={p.peak_vram_gib:5.1f} GiB  {p.seconds_per_step:6.2f} s/step  {p.seconds_per_image:7.1f} s/image"
             )
     return 0 if best.fits else 1
+
+
+def _download(model: str, revision: str | None) -> dict:
+    """What a run of a hub repo id would fetch; empty for anything else, or when the hub cannot be asked."""
+    if not is_repo_id(model):
+        return {}
+    try:
+        total, missing = download_size(model, revision=revision)
+    except UserError as e:
+        print(f"featherflux: note: download size unknown: {e}", file=sys.stderr)
+        return {}
+    return {"download_bytes": total, "download_missing_bytes": missing}

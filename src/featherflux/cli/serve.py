@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from featherflux.cli.options import add_device, add_placement, add_text_encoder, pipeline_options
+from featherflux.cli.options import add_device, add_download, add_placement, add_text_encoder, pipeline_options
 from featherflux.cli.serve_ray import add_ray_arguments, serve_on_ray
 from featherflux.errors import MissingExtraError, UserError
 from featherflux.pipeline import load_pipeline
@@ -15,7 +15,7 @@ from featherflux.pipeline import load_pipeline
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over HTTP: OpenAI images API, jobs, metrics, web page")
-    p.add_argument("--model", default="demo", help="pipeline folder, hub id in the local cache, or 'demo' (default)")
+    p.add_argument("--model", default="demo", help="pipeline folder, hub repo id, or 'demo' (default)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8800)
     p.add_argument("--api-keys", type=Path, help="keys file made by `featherflux keys add`; without it, no auth")
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--metrics-public", action="store_true",
                    help="serve /metrics without an API key (for a Prometheus scraper); by default it needs one")
     add_device(p)
+    add_download(p)
     add_placement(p)
     add_text_encoder(p)
     add_ray_arguments(p)  # --ray, --replicas, --autoscale, --gpus-per-replica, --address

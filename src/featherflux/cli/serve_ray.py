@@ -32,7 +32,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
 
     if args.max_queue < 1 or args.max_batch < 1:
         raise UserError("--max-queue and --max-batch must be at least 1")
-    placement = {name: getattr(args, name) for name in ("vram", "ram", "offload", "quantize")}
+    placement = {name: getattr(args, name) for name in ("vram", "ram", "offload", "quantize", "download", "revision")}
     placement = {name: value for name, value in placement.items() if value is not None}
     gpus = args.gpus_per_replica
     if gpus is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from featherflux.cli.options import add_device, add_text_encoder, pipeline_options
+from featherflux.cli.options import add_device, add_download, add_text_encoder, pipeline_options
 from featherflux.errors import UserError
 from featherflux.lora.finetune import FinetuneSetup, finetune
 from featherflux.lora.train import TrainConfig
@@ -15,7 +15,7 @@ from featherflux.pipeline import load_pipeline
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train-lora", help="fine-tune a LoRA (or the full DiT) on images with .txt captions")
-    p.add_argument("--model", required=True, help="pipeline folder, cached hub id, or demo")
+    p.add_argument("--model", required=True, help="pipeline folder, hub repo id, or demo")
     p.add_argument("--data", required=True, help="folder of images with same-name .txt captions")
     p.add_argument("--output", required=True, help="folder for checkpoints, logs, validation images and the LoRA")
     p.add_argument("--steps", type=int, default=1000)
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None)
     add_device(p, dtype_help="base weight dtype (default: the checkpoint's)")
+    add_download(p)
     add_text_encoder(p)
     p.set_defaults(func=run)
 

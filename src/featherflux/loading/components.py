@@ -47,15 +47,18 @@ def load_components(
     text_encoder_token: str | None = None,
     transformer: str | Path | None = None,
     mmap: bool | None = None,
+    download: bool = False,
+    revision: str | None = None,
 ) -> Components:
     """The components of a pipeline folder, hub id or "demo" (see `featherflux.pipeline.load_pipeline` for the
     arguments). When the pipeline is to be placed by the memory planner, they are loaded on the host."""
     require_device(device)
     placed = needs_placement(device, vram=vram, offload=offload, quantize=quantize)
     load_device = "cpu" if placed else device
-    folder, model_id = resolve_model_path(path_or_repo_id)
-    variant = variant_of(folder)
     local_encoder = prompt_encoder is None and text_encoder is None  # a remote encoder needs no text_encoder/
+    skip = ({"text_encoder", "tokenizer"} if not local_encoder else set()) | ({"transformer"} if transformer else set())
+    folder, model_id = resolve_model_path(path_or_repo_id, download_missing=download, revision=revision, skip=skip)
+    variant = variant_of(folder)
     file_dit = None  # a transformer file overrides transformer/, which the folder may then lack
     if transformer is not None and not (folder / "transformer" / "config.json").is_file():
         file_dit = dit_config_from_file(transformer)

@@ -1,7 +1,7 @@
 """Finding a FLUX.2 pipeline on disk and telling which variant it is, before any weight is read.
 
-- `resolve_model_path`: a folder, "demo" (the packaged demo model) or a hub repo id already in the local
-  Hugging Face cache (never downloads; says how to get the weights when they are absent).
+- `resolve_model_path`: a folder, "demo" (the packaged demo model) or a hub repo id: in the local Hugging Face
+  cache, or fetched into it with `download=True` (`loading.hub`); without it, nothing is downloaded.
 - `variant_of`: dev, klein, klein-base or klein-kv, from model_index.json (`_class_name`, `is_distilled`).
 """
 
@@ -10,13 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
-
 from featherflux.errors import MissingFileError, UserError, WeightsError
-
-# diffusers pipeline class (+ is_distilled) -> our variant name
-PIPELINE_CLASSES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinKVPipeline")
+from featherflux.loading.hub import PIPELINE_CLASSES, cached, download, is_repo_id
 
 
 def demo_folder() -> Path:
@@ -24,8 +19,12 @@ def demo_folder() -> Path:
     return Path(__file__).parent.parent / "demo" / "weights"
 
 
-def resolve_model_path(path_or_repo_id: str | Path) -> tuple[Path, str]:
-    """(local pipeline folder, model id to report) for a folder, "demo" or a cached hub repo id."""
+def resolve_model_path(
+    path_or_repo_id: str | Path, *, download_missing: bool = False, revision: str | None = None, skip=()
+) -> tuple[Path, str]:
+    """(local pipeline folder, model id to report) for a folder, "demo" or a hub repo id. A repo id is looked up in
+    the local Hugging Face cache, or with `download_missing` fetched into it (`skip`: components the run does not
+    need, see `loading.hub.download`)."""
     name = str(path_or_repo_id)
     if name == "demo":
         folder = demo_folder()
@@ -42,23 +41,14 @@ def resolve_model_path(path_or_repo_id: str | Path) -> tuple[Path, str]:
             f"{path} is a file; load_pipeline needs a diffusers pipeline folder (model_index.json, transformer/, "
             "vae/, text_encoder/, tokenizer/)"
         )
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return Path(_cached_snapshot(name)), name
+    if is_repo_id(name):
+        if download_missing:
+            return download(name, revision=revision, skip=skip), name
+        return cached(name, revision=revision), name
     raise MissingFileError(
         f"{name} does not exist; pass a diffusers pipeline folder (with model_index.json), a Hugging Face repo id "
-        "(owner/name) in the local cache, or 'demo'"
+        "(owner/name), or 'demo'"
     )
-
-
-def _cached_snapshot(repo_id: str) -> str:
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        raise UserError(
-            f"{repo_id} is not a folder and not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); "
-            f"download it once where there is network access with `hf download {repo_id}` (accept the model's "
-            "licence on huggingface.co first if it is gated), or pass the path of a local pipeline folder"
-        ) from None
 
 
 def read_json(path: Path, what: str) -> dict:

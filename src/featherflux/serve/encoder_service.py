@@ -394,11 +394,20 @@ def create_encoder_app(
 
 
 def load_pipeline_prompt_encoder(
-    path_or_repo_id: str, *, device: str = "cpu", dtype: torch.dtype | None = None, out_layers=None
+    path_or_repo_id: str,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    out_layers=None,
+    download: bool = False,
+    revision: str | None = None,
 ):
-    """The prompt encoder of a pipeline folder (or cached repo id) and nothing else: the family, stacked layers and
-    model id are worked out as `load_pipeline` does, from configs only; transformer and VAE weights are not read."""
-    folder, model_id = resolve_model_path(path_or_repo_id)
+    """The prompt encoder of a pipeline folder (or hub repo id) and nothing else: the family, stacked layers and
+    model id are worked out as `load_pipeline` does, from configs only; transformer and VAE weights are neither read
+    nor, with `download=True`, downloaded."""
+    folder, model_id = resolve_model_path(
+        path_or_repo_id, download_missing=download, revision=revision, skip={"transformer", "vae"}
+    )
     family = build_family(folder, variant_of(folder), out_layers)
     return load_prompt_encoder(
         component(folder, "text_encoder"),
