@@ -212,3 +212,61 @@ def test_set_loras_switches_adapters_per_request(peft_lora_file, oracle, tmp_pat
     qkv = model.get_submodule("double_blocks.0.img_attn.qkv")
     x = torch.randn(2, CONFIG.hidden_size)
     assert torch.equal(qkv(x), qkv.base(x)) and lora_names(model) == ["style"]
+
+
+def test_fal_flux2_lora_with_guidance_embedder_keys(peft_lora_file, oracle, tmp_path):
+    """fal's FLUX.2 trainer writes `diffusion_model.` keys that mix BFL names for the embedders (guidance_in,
+    time_in, img_in, txt_in) with diffusers names for the blocks; diffusers 0.42.1 refuses the guidance_in keys
+    (diffusers#13484). The file's alpha is folded in, so the scale is 1."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(peft_lora_file), "pt") as f:
+        peft = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    scale = meta["transformer.lora_alpha"] / meta["transformer.r"]
+    bfl_globals = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear"}
+    fal = {}
+    for key, tensor in peft.items():
+        module, kind = key.rsplit(".lora_", 1)
+        if module == "norm_out.linear":
+            continue
+        fal[f"diffusion_model.{bfl_globals.get(module, module)}.lora_{kind}"] = tensor * (scale if "B" in kind else 1)
+    g = torch.Generator().manual_seed(5)
+    guidance = {}
+    for layer, (out, inp) in {"guidance_in.in_layer": (32, 256), "guidance_in.out_layer": (32, 32)}.items():
+        guidance[layer] = (torch.randn(4, inp, generator=g) * 0.1, torch.randn(out, 4, generator=g) * 0.1)
+        fal[f"diffusion_model.{layer}.lora_A.weight"], fal[f"diffusion_model.{layer}.lora_B.weight"] = guidance[layer]
+    save_file({k: v.contiguous() for k, v in fal.items()}, tmp_path / "fal.safetensors")
+    base, fused = oracle
+    model = NativeStub(weights=base)
+    load_lora(model, tmp_path / "fal.safetensors")
+    fuse_lora(model)
+    expected = dict(fused) | {"final_layer.adaLN_modulation.1": base["final_layer.adaLN_modulation.1"]}
+    expected |= {layer: base[layer] + up @ down for layer, (down, up) in guidance.items()}
+    assert_matches(model, expected)
+
+
+def test_simpletuner_klein_lokr_on_the_feed_forward_layers(tmp_path):
+    """SimpleTuner's klein LoKr (ComfyUI#12084): LyCORIS names of diffusers' FLUX.2 feed-forward layers
+    (`ff_linear_in`, `ff_context_linear_in`, `ff_linear_out`), full factors, an alpha that full factors ignore."""
+    g = torch.Generator().manual_seed(6)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    factors = {
+        "transformer_blocks_0_ff_linear_in": ("double_blocks.0.img_mlp.0", r(4, 4), r(48, 8)),
+        "transformer_blocks_1_ff_context_linear_in": ("double_blocks.1.txt_mlp.0", r(4, 4), r(48, 8)),
+        "transformer_blocks_0_ff_linear_out": ("double_blocks.0.img_mlp.2", r(4, 4), r(8, 24)),
+    }
+    sd = {}
+    for name, (_, w1, w2) in factors.items():
+        sd |= {f"lycoris_{name}.lokr_w1": w1, f"lycoris_{name}.lokr_w2": w2, f"lycoris_{name}.alpha": torch.tensor(4.0)}
+    save_file(sd, tmp_path / "lokr.safetensors")
+    base = NativeStub().linear_weights()
+    model = NativeStub(weights=base)
+    load_lora(model, tmp_path / "lokr.safetensors")
+    fuse_lora(model)
+    assert_matches(model, {native: base[native] + torch.kron(w1, w2) for native, w1, w2 in factors.values()})
