@@ -115,7 +115,7 @@ def qwen_tokenizer():
     )
 
 
-def _mistral3_encoder(vocab_size: int):
+def _mistral3_encoder(vocab_size: int, layers: int = 30):
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     config = Mistral3Config(
@@ -126,7 +126,7 @@ def _mistral3_encoder(vocab_size: int):
             intermediate_size=24,
             max_position_embeddings=1024,
             num_attention_heads=4,
-            num_hidden_layers=30,
+            num_hidden_layers=layers,
             num_key_value_heads=2,
             head_dim=4,
             rms_norm_eps=1e-5,

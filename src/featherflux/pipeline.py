@@ -20,6 +20,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from featherflux.errors import UserError
-from featherflux.images import overlay, postprocess
+from featherflux.images import open_reference_image, overlay, postprocess
 from featherflux.loading import load_components
 from featherflux.lora.mixin import LoRAMixin
 from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_oom
@@ -85,8 +86,8 @@ class Flux2Pipeline(LoRAMixin):
         `image`, `height`, `width`, `num_inference_steps`, `sigmas`, `guidance_scale`, `num_images_per_prompt`,
         `generator` (or `seed`), `latents`, `prompt_embeds`, `negative_prompt_embeds`, `max_sequence_length`,
         `output_type`, `callback_on_step_end`, `callback_on_step_end_tensor_inputs`, `text_encoder_out_layers`,
-        `show_progress` (see `GenerationRequest.from_call`). Defaults come from the model family.
-        Returns an object with `.images`."""
+        `caption_upsample_temperature` (dev), `show_progress` (see `GenerationRequest.from_call`). Defaults come from
+        the model family. Returns an object with `.images`."""
         images = self.generate(self.request(prompt, **kwargs))
         return Flux2PipelineOutput(images) if return_dict else (images,)
 
@@ -100,6 +101,27 @@ class Flux2Pipeline(LoRAMixin):
         images = self.generate(GenerationRequest.for_inpaint(self.family, prompt=prompt, **kwargs))
         return Flux2PipelineOutput(images) if return_dict else (images,)
 
+    def upsample_prompt(
+        self, prompt: str | list[str], images: list | None = None, temperature: float = 0.15
+    ) -> list[str]:
+        """FLUX.2 [dev]'s caption upsampling, as diffusers' `Flux2Pipeline.upsample_prompt`: the whole Mistral 3 model
+        (loaded for this call, placed like the text encoder, freed after) rewrites each prompt; with `images` (one
+        picture or list of pictures per prompt) as an editing instruction. The same global torch seed gives the same
+        text as diffusers."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if self.family.text_encoder.arch != "mistral3":
+            raise UserError(f"caption upsampling is FLUX.2 [dev]'s; {self.family.name} has no Mistral 3 to write it")
+        if self.prompt_encoder is None or not hasattr(self.prompt_encoder, "upsample"):
+            raise UserError(
+                "caption upsampling needs the text encoder (local, or an encode server): this pipeline has none"
+            )
+        if images is not None:
+            images = [
+                [open_reference_image(i) if isinstance(i, (str, Path)) else i for i in _as_list(group)]
+                for group in images
+            ]
+        return self.prompt_encoder.upsample(prompts, images, temperature)
+
     def request(self, prompt: str | list[str] | None = None, **kwargs) -> GenerationRequest:
         """The checked request of a call with these arguments, with this pipeline's family defaults filled in."""
         return GenerationRequest.from_call(self.family, prompt=prompt, **kwargs)
@@ -109,6 +131,10 @@ class Flux2Pipeline(LoRAMixin):
         return retry_on_oom(self, self._generate, request)
 
     def _generate(self, request: GenerationRequest):
+        if request.caption_upsample_temperature is not None:
+            pictures = [list(request.pictures)] * len(request.prompts) if request.pictures else None
+            prompts = self.upsample_prompt(request.prompts, pictures, request.caption_upsample_temperature)
+            request = dataclasses.replace(request, prompts=prompts, caption_upsample_temperature=None)
         embeds, negative = self.encode_prompt(request)
         batch = embeds.shape[0]
         repaint = request.repaint
@@ -268,6 +294,10 @@ class Flux2Pipeline(LoRAMixin):
             return z
         device = next(self.autoencoder.parameters()).device
         return postprocess(self.autoencoder.decode(z.to(device)), output_type)
+
+
+def _as_list(group) -> list:
+    return list(group) if isinstance(group, (list, tuple)) else [group]
 
 
 def load_pipeline(

@@ -98,6 +98,7 @@ class ImageParameters:
     init: str | None = None  # inpainting: the picture repainted, its mask (None: all of it), and the strength
     mask: str | None = None
     strength: float | None = None
+    upsampled_prompt: str | None = None  # dev's caption upsampling: what the text encoder actually encoded
 
     def as_dict(self) -> dict:
         return {
@@ -113,6 +114,7 @@ class ImageParameters:
             "init": self.init,
             "mask": self.mask,
             "strength": self.strength,
+            "upsampled_prompt": self.upsampled_prompt,
             "software": "featherflux",
         }
 
@@ -163,6 +165,10 @@ class GenerationRequest:
     callback_inputs: tuple[str, ...]
     show_progress: bool
     repaint: Repaint | None = None  # inpainting (`Flux2Pipeline.inpaint`)
+    caption_upsample_temperature: float | None = (
+        None  # dev: rewrite the prompts first (`Flux2Pipeline.upsample_prompt`)
+    )
+    pictures: tuple[Image.Image, ...] = ()  # the reference pictures as given: what the caption upsampler looks at
 
     @classmethod
     def from_call(
@@ -180,14 +186,16 @@ class GenerationRequest:
         `image` is one reference (a PIL image or a file path) or a list of them; the other arguments are those of
         `_resolve`. A size that is not a multiple of the family's token size is floored, with a warning."""
         multiple = size_multiple(family)
-        references = _references(image, multiple)
+        references, pictures = _references(image, multiple)
         side = defaults(family).side
         if height is None or width is None:
             ref_h, ref_w = references[0].shape[-2:] if references else (None, None)
             height = height if height is not None else ref_h or side  # 0 is a bad size, not "default"
             width = width if width is not None else ref_w or side
         height, width = _floored(int(height), int(width), multiple)
-        return cls._resolve(family, prompt=prompt, references=references, height=height, width=width, **call)
+        return cls._resolve(
+            family, prompt=prompt, references=references, pictures=pictures, height=height, width=width, **call
+        )
 
     @classmethod
     def for_inpaint(
@@ -236,10 +244,17 @@ class GenerationRequest:
         )
         if not repaint.mask.any():
             raise UserError("mask_image marks nothing to repaint (it is all black); white pixels mark what to repaint")
-        references = _references(image_reference, multiple)
+        references, pictures = _references(image_reference, multiple)
         check_references(len(references) + 1)  # the picture itself is the first reference
         request = cls._resolve(
-            family, prompt=prompt, references=references, height=height, width=width, repaint=repaint, **call
+            family,
+            prompt=prompt,
+            references=references,
+            pictures=(picture, *pictures),
+            height=height,
+            width=width,
+            repaint=repaint,
+            **call,
         )
         if request.num_steps - repaint.first_step(request.num_steps) < 1:
             raise UserError(
@@ -255,9 +270,11 @@ class GenerationRequest:
         *,
         prompt: str | list[str] | None,
         references: list[Tensor],
+        pictures: tuple[Image.Image, ...],
         height: int,
         width: int,
         repaint: Repaint | None = None,
+        caption_upsample_temperature: float | None = None,
         num_inference_steps: int | None = None,
         sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
@@ -275,7 +292,9 @@ class GenerationRequest:
         show_progress: bool = True,
     ) -> GenerationRequest:
         """The arguments every call shares. `seed` is a shortcut for
-        `generator=torch.Generator("cpu").manual_seed(seed)`; steps and guidance default to the family's."""
+        `generator=torch.Generator("cpu").manual_seed(seed)`; steps and guidance default to the family's.
+        `caption_upsample_temperature` (dev only) rewrites the prompts with the text encoder first, as diffusers'
+        `Flux2Pipeline` does."""
         if (prompt is None) == (prompt_embeds is None):
             raise UserError("pass exactly one of `prompt` and `prompt_embeds`")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
@@ -298,6 +317,15 @@ class GenerationRequest:
         guidance = fallback.guidance if guidance_scale is None else guidance_scale
         if guidance < 0:
             raise UserError(f"guidance_scale must be >= 0, got {guidance}")
+        if caption_upsample_temperature is not None:
+            if family.text_encoder.arch != "mistral3":
+                raise UserError(
+                    f"caption upsampling is FLUX.2 [dev]'s; {family.name} has no Mistral 3 to write the text"
+                )
+            if prompts is None:
+                raise UserError("caption upsampling rewrites `prompt`; it cannot rewrite prompt_embeds")
+            if caption_upsample_temperature <= 0:
+                raise UserError(f"caption_upsample_temperature must be > 0, got {caption_upsample_temperature}")
         if sigmas is not None and (len(sigmas) < 1 or not all(0 < s <= 1 for s in sigmas)):
             raise UserError("sigmas must be a non-empty list of values in (0, 1], e.g. numpy.linspace(1, 1/N, N)")
         return cls(
@@ -320,10 +348,12 @@ class GenerationRequest:
             callback_inputs=tuple(callback_on_step_end_tensor_inputs),
             show_progress=show_progress,
             repaint=repaint,
+            caption_upsample_temperature=caption_upsample_temperature,
+            pictures=tuple(pictures),
         )
 
     def image_parameters(
-        self, *, prompt: str, model: str, seed: int, references=(), loras=(), init=None, mask=None
+        self, *, prompt: str, model: str, seed: int, references=(), loras=(), init=None, mask=None, upsampled=None
     ) -> ImageParameters:
         """The PNG parameters of one image of this request (`init` and `mask` name an inpainting's pictures)."""
         return ImageParameters(
@@ -339,6 +369,7 @@ class GenerationRequest:
             init=None if init is None else str(init),
             mask=None if mask is None else str(mask),
             strength=None if self.repaint is None else self.repaint.strength,
+            upsampled_prompt=upsampled,
         )
 
 
@@ -360,17 +391,19 @@ def _open(image, name: str) -> Image.Image:
     return image
 
 
-def _references(image, multiple: int) -> list[Tensor]:
+def _references(image, multiple: int) -> tuple[list[Tensor], list[Image.Image]]:
+    """Reference tensors, preprocessed as diffusers does, and the pictures as given (files opened)."""
     if image is None:
-        return []
+        return [], []
     images = image if isinstance(image, (list, tuple)) else [image]
     check_references(len(images))
-    out = []
+    tensors, pictures = [], []
     for i, img in enumerate(images):
         name = str(img) if isinstance(img, (str, Path)) else f"#{i + 1}"
         if isinstance(img, (str, Path)):
             img = open_reference_image(img)
         if not isinstance(img, Image.Image):
             raise UserError(f"reference image {name} is a {type(img).__name__}; pass PIL images or file paths")
-        out.append(reference_tensor(img, name, multiple))
-    return out
+        tensors.append(reference_tensor(img, name, multiple))
+        pictures.append(img)
+    return tensors, pictures

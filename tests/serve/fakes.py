@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Self
 
+import torch
 import uvicorn
 from PIL import Image
 
@@ -59,6 +60,11 @@ class FakePipeline:
             Image.new("RGB", (width, height), seed_colour(g.initial_seed(), p)) for p, g in zip(prompts, generators)
         ]
         return type("Output", (), {"images": images})()
+
+    def upsample_prompt(self, prompt, images=None, temperature=0.15):
+        """Caption upsampling in the pipeline contract: a rewrite that names the temperature and a draw from the global
+        RNG, so a test can tell that the job's seed was set."""
+        return [f"{prompt}, in detail ({temperature}, {torch.randint(0, 1000, (1,)).item()})"]
 
     def inpaint(self, *, image, mask_image=None, image_reference=None, strength=0.8, **call):
         """Inpainting in the pipeline contract: records the picture, the mask and the strength, then draws as a call

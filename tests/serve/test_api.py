@@ -306,3 +306,20 @@ def test_metrics_need_a_key_when_the_server_has_keys_unless_made_public(tmp_path
             assert httpx.get(live.url + "/metrics").status_code == expected
             with_key = httpx.get(live.url + "/metrics", headers={"Authorization": f"Bearer {alice}"})
             assert with_key.status_code == 200 and "featherflux_queue_depth" in with_key.text
+
+
+def test_upsample_rewrites_the_prompt_with_the_jobs_seed_and_the_png_keeps_both(server):
+    def upsampled(seed):
+        response = httpx.post(
+            server.url + "/v1/images/generations",
+            json={"prompt": "a fox", "size": "64x64", "steps": 1, "seed": seed, "upsample": 0.3, "response_format": "url"},
+        )
+        with Image.open(io.BytesIO(httpx.get(response.json()["data"][0]["url"]).content)) as png:
+            return json.loads(png.text["parameters"])
+
+    first, again, other = upsampled(5), upsampled(5), upsampled(6)
+    assert first["prompt"] == "a fox" and first["upsampled_prompt"].startswith("a fox, in detail (0.3, ")
+    assert first["upsampled_prompt"] == again["upsampled_prompt"] != other["upsampled_prompt"]
+    assert server.pipe.calls[-1]["prompts"] == [other["upsampled_prompt"]]
+    bad = httpx.post(server.url + "/v1/images/generations", json={"prompt": "x", "size": "64x64", "upsample": -1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "upsample"

@@ -419,3 +419,16 @@ def test_encode_server_command_serves_the_pipeline_encoder_with_its_token(tiny, 
     assert family == "custom-klein-base" and torch.equal(remote, local)
     token_file.write_text("two words")
     assert main(["encode-server", "--model", str(tiny("klein-base")), "--token-file", str(token_file)]) == 2
+
+
+def test_upsample_endpoint_checks_its_body_and_its_encoder():
+    with Server(create_encoder_app(HashEncoder())) as server:
+        url = server.url + "/v1/upsample"
+        cannot = httpx.post(url, json={"prompts": ["a cat"], "seed": 1})
+        unknown = httpx.post(url, json={"prompts": ["a cat"], "colour": "red"})
+        cold = httpx.post(url, json={"prompts": ["a cat"], "temperature": 0})
+        pictures = httpx.post(url, json={"prompts": ["a cat"], "images": [["not base64!"]]})
+    assert cannot.status_code == 400 and "cannot upsample" in cannot.json()["error"]["message"]
+    assert unknown.status_code == 400 and "unknown fields" in unknown.json()["error"]["message"]
+    assert cold.status_code == 400 and "temperature" in cold.json()["error"]["message"]
+    assert pictures.status_code == 400 and "base64" in pictures.json()["error"]["message"]

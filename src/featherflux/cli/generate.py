@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                    help="with --init: white pixels are repainted, black kept (default: repaint all, image-to-image)")
     p.add_argument("--strength", type=float, default=0.8,
                    help="with --init: how far to move from the picture, 0..1 (default 0.8; 1 starts from noise)")
+    p.add_argument("--upsample", nargs="?", type=float, const=0.15, metavar="TEMPERATURE",
+                   help="dev: let the text encoder rewrite the prompt first (caption upsampling; default 0.15); both "
+                        "prompts go into the PNG")
     p.add_argument("--width", type=int, help="default: the first reference's width, else the model's default")
     p.add_argument("--height", type=int, help="default: the first reference's height, else the model's default")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
@@ -112,6 +115,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"featherflux: memory plan: {pipe.placement.plan.explanation}", file=sys.stderr)
             for lora_path, lora_scale in args.lora:
                 pipe.load_lora(lora_path, scale=lora_scale)
+            prompt, upsampled = args.prompt, None
+            if args.upsample is not None:  # seeded, so the PNG's seed re-makes the same text
+                torch.manual_seed(seed)
+                pictures = [init] if init is not None else []
+                pictures += references
+                (upsampled,) = pipe.upsample_prompt(args.prompt, [pictures] if pictures else None, args.upsample)
+                prompt = upsampled
+                print(f"featherflux: upsampled prompt: {upsampled}", file=sys.stderr)
             call = {
                 "width": args.width,
                 "height": args.height,
@@ -121,10 +132,10 @@ def run(args: argparse.Namespace) -> int:
                 "num_images_per_prompt": args.num_images,
             }
             if init is None:
-                request = pipe.request(args.prompt, image=references or None, **call)
+                request = pipe.request(prompt, image=references or None, **call)
             else:
                 request = GenerationRequest.for_inpaint(
-                    pipe.family, prompt=args.prompt, image=init, mask_image=mask, image_reference=references or None,
+                    pipe.family, prompt=prompt, image=init, mask_image=mask, image_reference=references or None,
                     strength=args.strength, **call,
                 )
             images = pipe.generate(request)
@@ -137,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
                     loras=[f"{p}:{w}" for p, w in args.lora],
                     init=args.init,
                     mask=args.mask,
+                    upsampled=upsampled,
                 )
                 save_png(image, path, parameters.as_dict())
                 print(path)

@@ -62,6 +62,12 @@ class PlacedPromptEncoder:
         with phase(self.pipe, "text_encoder"):
             return self.encoder.encode(prompts, max_sequence_length, **kwargs)
 
+    def upsample(self, prompts, images=None, temperature: float = 0.15):
+        """Caption upsampling with the whole text encoder, placed as the plan places the encoder."""
+        placement = getattr(self.pipe, "placement", None)
+        carry = placement.carry if placement is not None else None
+        return self.encoder.upsample(prompts, images, temperature, carry=carry)
+
 
 def phase(pipe, name: str):
     placement = getattr(pipe, "placement", None)

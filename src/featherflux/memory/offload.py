@@ -75,6 +75,24 @@ class Placement:
             if module is not None:
                 self.ledger.sub(nbytes)
 
+    @contextmanager
+    def carry(self, module: nn.Module, layers: nn.ModuleList):
+        """Place a module used once, outside the pipeline's components (the whole text encoder, for caption
+        upsampling), as the plan places the text encoder: `layers` streamed one ahead of use, or all of it moved in;
+        back on the host after the block, for the caller to free."""
+        entries = block_entries([layers]) if self.plan.text_encoder == "stream" else []
+        # used once, so its layers are not pinned: pinning would cost more than it saves
+        streamer = stream_modules(entries, self.device, (), self.ledger, pin=False) if entries else None
+        module.to(self.device)  # streamed layers stay on the host; everything else comes in
+        nbytes = _resident_bytes(module, streamer)
+        self.ledger.add(nbytes)
+        try:
+            yield
+        finally:
+            unstream(entries)
+            module.to(self.host)
+            self.ledger.sub(nbytes)
+
     def undo(self, pipe) -> None:
         """Everything back to the host, streamed modules unwrapped (quantization stays)."""
         for entries in self.entries.values():

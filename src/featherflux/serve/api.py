@@ -94,6 +94,7 @@ class ImageParams(BaseModel):
     steps: int | None = None
     guidance: float | None = None
     strength: float | None = None  # inpainting: with a mask, or alone for image-to-image of the first image
+    upsample: bool | float = False  # dev's caption upsampling: true (temperature 0.15) or a temperature
     loras: list[str | LoraRef] = []
 
 
@@ -290,6 +291,9 @@ class ServerState:
             raise ApiError(400, f"strength={params.strength}; use 0 to 1", param="strength")
         if params.strength is not None and not uploads.references:
             raise ApiError(400, "strength repaints the first `image`; send that image", param="strength")
+        upsample = 0.15 if params.upsample is True else (params.upsample or None)
+        if upsample is not None and not upsample > 0:
+            raise ApiError(400, f"upsample={params.upsample}; use true or a temperature > 0", param="upsample")
         default_side = (self.defaults.side, self.defaults.side)
         width, height = _parse_size(params.size) or uploads.first_size or default_side
         try:
@@ -311,6 +315,7 @@ class ServerState:
             loras=_loras(params.loras, self.loras),
             mask=uploads.mask,
             strength=params.strength,
+            upsample=upsample,
         )
 
     def submit(self, owner: str, params: ImageParams, uploads: Uploads) -> Job:

@@ -1,6 +1,8 @@
 """The prompt-encoding service: one text encoder behind HTTP, shared by many generation workers.
 
     POST /v1/encode   {"prompts": [...], "max_sequence_length": 512} -> safetensors body (see `wire.py`)
+    POST /v1/upsample {"prompts": [...], "temperature": 0.15, "seed": 7, "images": [["<base64 PNG>"]]}
+                      -> {"prompts": [...]}: caption upsampling with the whole model (FLUX.2 [dev])
     GET  /v1/models   the model id, family and limits (the client checks the family against its pipeline's)
     GET  /health      liveness, no auth
     GET  /metrics     Prometheus text: requests, prompts, cache hits/misses, batch sizes, latency
@@ -21,7 +23,9 @@ Design choices:
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
+import io
 import json
 import logging
 import time
@@ -34,7 +38,9 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from PIL import Image, UnidentifiedImageError
 
+from featherflux.errors import UserError
 from featherflux.loading import build_family, component, resolve_model_path, variant_of
 from featherflux.text_encoder import load_prompt_encoder
 from featherflux.text_encoder.wire import MEDIA_TYPE, encode_embeddings
@@ -281,6 +287,41 @@ def parse_encode_request(body: bytes, limits: Limits) -> tuple[list[str], int]:
     return prompts, length
 
 
+def parse_upsample_request(body: bytes, limits: Limits) -> tuple[list[str], float, int, list | None]:
+    """(prompts, temperature, seed, pictures per prompt or None) of a POST /v1/upsample body."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise RequestError(400, f"request body is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, 'request body must be a JSON object like {"prompts": ["a cat"], "seed": 0}')
+    unknown = set(payload) - {"prompts", "temperature", "seed", "images"}
+    if unknown:
+        raise RequestError(400, f"unknown fields {sorted(unknown)}; allowed: prompts, temperature, seed, images")
+    prompts = payload.get("prompts")
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise RequestError(400, '"prompts" must be a non-empty list of strings')
+    if len(prompts) > limits.max_prompts or max(len(p) for p in prompts) > limits.max_prompt_chars:
+        raise RequestError(413, f"at most {limits.max_prompts} prompts of {limits.max_prompt_chars} characters")
+    temperature, seed = payload.get("temperature", 0.15), payload.get("seed", 0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise RequestError(400, '"temperature" must be a number > 0')
+    if type(seed) is not int or not 0 <= seed < 2**63:
+        raise RequestError(400, '"seed" must be a non-negative integer')
+    images = payload.get("images")
+    if images is not None:
+        if not isinstance(images, list) or len(images) != len(prompts):
+            raise RequestError(400, '"images" must hold one list of base64 PNG pictures per prompt')
+        try:
+            images = [[Image.open(io.BytesIO(base64.b64decode(b, validate=True))) for b in group] for group in images]
+            for group in images:
+                for picture in group:
+                    picture.load()
+        except (TypeError, ValueError, OSError, UnidentifiedImageError) as e:
+            raise RequestError(400, f'"images" must be base64 PNG or JPEG pictures ({e})') from None
+    return prompts, float(temperature), seed, images
+
+
 # --- the app
 
 
@@ -296,6 +337,7 @@ def create_encoder_app(
     batch_window_s: float = 0.005,
     cache_bytes: int = 1 << 30,
     metrics_public: bool = False,
+    max_upsample_body_bytes: int = 16 << 20,
 ) -> FastAPI:
     """A FastAPI app serving `encoder` (anything with `encode(prompts, max_sequence_length)`, `model_id`, `family`).
 
@@ -361,6 +403,33 @@ def create_encoder_app(
         finally:
             metrics.requests[status] = metrics.requests.get(status, 0) + 1
             metrics.latency.observe(time.perf_counter() - start)
+
+    @app.post("/v1/upsample")
+    async def upsample(request: Request) -> Response:
+        """Caption upsampling on the encoder's whole model, one request at a time on the encoder's thread; the
+        client's seed makes it repeatable."""
+        try:
+            check_token(request)
+            body = await _read_body(request, max_upsample_body_bytes)
+            prompts, temperature, seed, images = parse_upsample_request(body, limits)
+            if not hasattr(encoder, "upsample"):
+                raise RequestError(400, f"this server's encoder ({encoder.family}) cannot upsample captions")
+        except RequestError as e:
+            return _error(e.status, e.message, e.kind)
+
+        def run() -> list[str]:
+            with torch.random.fork_rng(devices=[]):  # the server's own RNG stays where it was
+                torch.manual_seed(seed)
+                return encoder.upsample(prompts, images, temperature)
+
+        try:
+            written = await asyncio.get_running_loop().run_in_executor(batcher.executor, run)
+        except UserError as e:
+            return _error(400, str(e), "invalid_request_error")
+        except Exception as e:
+            log.exception("POST /v1/upsample failed")
+            return _error(500, f"upsampling failed: {type(e).__name__}: {e}", "server_error")
+        return JSONResponse({"prompts": written})
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

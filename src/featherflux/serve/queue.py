@@ -67,6 +67,7 @@ class JobSpec:
     loras: tuple[tuple[str, float], ...] = ()  # (name, scale)
     mask: str | None = None  # inpainting: an upload name; the first reference is the picture repainted
     strength: float | None = None  # inpainting (with or without a mask: without, the whole picture changes)
+    upsample: float | None = None  # dev's caption upsampling at this temperature, seeded with the job's seed
 
     @property
     def inpaint(self) -> bool:
@@ -74,11 +75,11 @@ class JobSpec:
 
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share one forward pass; reference images make a job run alone."""
-        if self.references or self.inpaint:
+        if self.references or self.inpaint or self.upsample is not None:
             return None
         return (self.width, self.height, self.steps, self.guidance, self.loras)
 
-    def image_parameters(self, index: int, model: str) -> ImageParameters:
+    def image_parameters(self, index: int, model: str, upsampled: str | None = None) -> ImageParameters:
         """The PNG parameters of image `index` of this job (seeded `seed + index`)."""
         return ImageParameters(
             prompt=self.prompt,
@@ -93,6 +94,7 @@ class JobSpec:
             init=self.references[0] if self.inpaint else None,
             mask=self.mask,
             strength=self.strength if self.strength is not None else (0.8 if self.inpaint else None),
+            upsampled_prompt=upsampled,
         )
 
 
@@ -102,6 +104,7 @@ class Job:
     owner: str
     spec: JobSpec
     model: str = ""  # the model id of the pipeline that runs it
+    upsampled_prompt: str | None = None  # what caption upsampling wrote, once the job has run
     state: str = "queued"
     step: int = 0
     files: list[str] = field(default_factory=list)
@@ -126,7 +129,8 @@ class Job:
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
-            "parameters": self.spec.image_parameters(0, self.model).as_dict() | {"n": self.spec.n},
+            "parameters": self.spec.image_parameters(0, self.model, self.upsampled_prompt).as_dict()
+            | {"n": self.spec.n},
         }
 
     def record(self) -> dict:
@@ -417,11 +421,20 @@ class JobQueue:
                     kwargs["strength"] = spec.strength
             elif pictures:
                 kwargs["image"] = pictures
+            prompts = [job.spec.prompt for job in batch for _ in range(job.spec.n)]
+            if spec.upsample is not None:  # a batch of one job (see batch_key): its own seed picks the text
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(spec.seed)
+                    (written,) = self.pipeline.upsample_prompt(
+                        spec.prompt, [pictures] if pictures else None, spec.upsample
+                    )
+                batch[0].upsampled_prompt = written
+                prompts = [written] * spec.n
             generators = [
                 torch.Generator("cpu").manual_seed(job.spec.seed + i) for job in batch for i in range(job.spec.n)
             ]
             images = generate(
-                prompt=[job.spec.prompt for job in batch for _ in range(job.spec.n)],
+                prompt=prompts,
                 height=spec.height,
                 width=spec.width,
                 num_inference_steps=spec.steps,
@@ -463,7 +476,9 @@ class JobQueue:
                 continue
             try:
                 names = [
-                    files.write_output(self.output_dir, job.id, i, image, job.spec.image_parameters(i, job.model))
+                    files.write_output(
+                        self.output_dir, job.id, i, image, job.spec.image_parameters(i, job.model, job.upsampled_prompt)
+                    )
                     for i, image in enumerate(mine)
                 ]
             except OSError as e:

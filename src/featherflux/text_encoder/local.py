@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from featherflux.errors import WeightsError
+from featherflux.errors import UserError, WeightsError
+from featherflux.text_encoder.upsample import load_caption_model, load_chat_processor, upsample
 
 # BFL's system message for FLUX.2 [dev] prompt encoding (note the embedded newline).
 SYSTEM_MESSAGE = (
@@ -41,13 +42,35 @@ class PromptEncoder:
     """Turns prompts into FLUX.2 context: hidden states of `out_layers` stacked per token, (B, L, len * hidden)."""
 
     def __init__(self, model: nn.Module, tokenizer, *, arch: str, out_layers: tuple[int, ...], model_id: str,
-                 family: str):
+                 family: str, folders: tuple[Path, Path] | None = None):
         self.model = model  # a transformers MistralModel / Qwen3Model holding only the layers that are used
         self.tokenizer = tokenizer
         self.arch = arch
         self.out_layers = tuple(out_layers)
         self.model_id = model_id
         self.family = family
+        self.folders = folders  # (text_encoder/, tokenizer/): where caption upsampling loads the whole model from
+
+    def upsample(self, prompts: list[str], images=None, temperature: float = 0.15, carry=None) -> list[str]:
+        """FLUX.2 [dev]'s caption upsampling (`text_encoder.upsample`): the whole Mistral 3 model, loaded for this
+        call and freed after, rewrites each prompt. `images`: None or one list of pictures per prompt. `carry(model,
+        layers)` places the model as the memory plan places the text encoder; without it, on this encoder's device.
+        Loading leaves the global RNG untouched, so the same seed gives the same text as diffusers."""
+        if self.arch != "mistral3":
+            raise UserError(
+                f"caption upsampling is FLUX.2 [dev]'s (its Mistral 3 model writes the text); {self.family} encodes "
+                "prompts with Qwen3"
+            )
+        if self.folders is None:
+            raise UserError("this prompt encoder does not know its folders; load it with load_prompt_encoder")
+        with torch.random.fork_rng(devices=[]):
+            model = load_caption_model(self.folders[0], device="cpu" if carry else self.device, dtype=self.dtype)
+        processor = load_chat_processor(self.folders[1], self.tokenizer, with_images=bool(images))
+        try:
+            with carry(model, model.model.language_model.layers) if carry else contextlib.nullcontext():
+                return upsample(model, processor, list(prompts), images, temperature)
+        finally:
+            del model
 
     @property
     def device(self) -> torch.device:
@@ -216,5 +239,6 @@ def load_prompt_encoder(
         model.norm = nn.Identity()  # the full model's slot k < num_layers is the raw layer output
     model.eval().requires_grad_(False).to(device)
     return PromptEncoder(
-        model, load_tokenizer(tokenizer_dir), arch=arch, out_layers=tuple(out_layers), model_id=model_id, family=family
+        model, load_tokenizer(tokenizer_dir), arch=arch, out_layers=tuple(out_layers), model_id=model_id,
+        family=family, folders=(text_encoder_dir, tokenizer_dir),
     )

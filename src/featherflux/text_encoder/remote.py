@@ -14,6 +14,8 @@ Design choices:
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import time
 from typing import TYPE_CHECKING
@@ -135,6 +137,26 @@ class RemotePromptEncoder:
             parts.append(embeds)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def upsample(
+        self, prompts: list[str], images=None, temperature: float = 0.15, seed: int | None = None
+    ) -> list[str]:
+        """Caption upsampling on the server's whole text encoder (`POST /v1/upsample`), so a worker without the text
+        encoder can still upsample. `seed` (drawn from the global torch RNG when None, so a seeded caller gets the same
+        text each time) seeds the server's sampling; `images`: None or one list of pictures per prompt."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**31, (1,)))
+        body = {"prompts": list(prompts), "temperature": temperature, "seed": seed}
+        if images is not None:
+            body["images"] = [[_png_base64(picture) for picture in group] for group in images]
+        response = self._request("POST", "/v1/upsample", json=body)
+        try:
+            written = response.json()["prompts"]
+        except (ValueError, KeyError, TypeError):
+            raise RemoteEncoderError(f"{self.url} answered /v1/upsample with something else than prompts") from None
+        if not isinstance(written, list) or len(written) != len(prompts) or not all(isinstance(t, str) for t in written):
+            raise RemoteEncoderError(f"{self.url} answered /v1/upsample with a wrong list for {len(prompts)} prompts")
+        return written
+
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
@@ -196,3 +218,9 @@ def connect_text_encoder(url: str, token: str | None, family, prompt_encoder=Non
     if prompt_encoder is not None:
         raise UserError("pass either prompt_encoder= or text_encoder=URL to load_pipeline, not both")
     return RemotePromptEncoder(url, token, family=family.name, context_dim=family.dit.context_in_dim)
+
+
+def _png_base64(picture) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
