@@ -100,3 +100,17 @@ def test_pull_prints_the_folder_and_plan_tells_the_download_size(hub, tiny, caps
     assert main(["plan", "black-forest-labs/FLUX.2-klein-4B", "--vram", "24", "--ram", "64", "--json"]) == 0
     after = json.loads(capsys.readouterr().out)
     assert 0 < after["download_missing_bytes"] < sizes["download_missing_bytes"]  # the text encoder is still missing
+
+
+def test_a_transformer_file_or_a_remote_encoder_leaves_those_weights_on_the_hub(hub, tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from featherflux.weights import load_transformer
+
+    bfl_file = tmp_path / "flux-2-tiny.safetensors"
+    state = load_transformer(tiny["tiny/klein"] / "transformer").state_dict()
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in state.items()}, bfl_file)
+    pipe = load_pipeline("tiny/klein", download=True, transformer=bfl_file)
+    assert WEIGHTS not in fetched(hub) and "transformer/config.json" in fetched(hub)
+    assert "text_encoder/model.safetensors" in fetched(hub)  # this run encodes locally
+    assert pipe(prompt="a cat", height=64, width=64, num_inference_steps=1, seed=0, show_progress=False).images
