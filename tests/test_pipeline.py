@@ -187,6 +187,14 @@ def test_load_errors_name_the_problem(scratch, tmp_path):
         load_pipeline(other)
     with pytest.raises(UserError, match="download=True .* `featherflux pull nobody/no-such-model`"):
         load_pipeline("nobody/no-such-model")
+    with pytest.raises(UserError, match="'flash3' cannot run here: needs a CUDA device.*available: sdpa"):
+        load_pipeline(tmp_path / "no-index", attention="flash3")  # refused before the folder is read
+    with pytest.raises(UserError, match="unknown attention backend 'xformers'"):
+        load_pipeline(src, attention="xformers")
+
+
+def test_the_attention_backend_is_chosen_at_load(scratch):
+    assert load_pipeline(tiny_pipeline_dir("klein", scratch), attention="auto").transformer.attention_backend == "sdpa"
 
 
 def test_hub_repo_id_resolves_from_the_local_cache(scratch, tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ from featherflux.images import open_reference_image, overlay, postprocess
 from featherflux.loading import load_components
 from featherflux.lora.mixin import LoRAMixin
 from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_oom
+from featherflux.model.attention import select as select_attention
 from featherflux.model.config import FamilyConfig
 from featherflux.request import GenerationRequest, Repaint, size_multiple
 from featherflux.sampling import (
@@ -318,6 +319,7 @@ def load_pipeline(
     mmap: bool | None = None,
     download: bool = False,
     revision: str | None = None,
+    attention: str = "auto",
 ) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline from a diffusers-layout folder (with model_index.json), a hub repo id already in the
     local Hugging Face cache, or "demo" (the small model shipped with featherflux).
@@ -341,7 +343,11 @@ def load_pipeline(
 
     A hub repo id is looked up in the local Hugging Face cache; `download=True` fetches what is missing of the files
     this run needs (at `revision`), through huggingface_hub (`featherflux.loading.hub`).
+
+    `attention` is the DiT's attention kernel, chosen here once (`featherflux.model.attention`): "auto" (the
+    fastest this device and dtype can run) | "sdpa" | "cudnn" | "flash" | "flash3" | "sage".
     """
+    select_attention(attention, device, dtype or torch.bfloat16)  # fail before any weights are read
     parts = load_components(
         path_or_repo_id,
         device=device,
@@ -359,6 +365,8 @@ def load_pipeline(
         download=download,
         revision=revision,
     )
+    compute_dtype = next((p.dtype for p in parts.transformer.parameters() if p.is_floating_point()), dtype)
+    parts.transformer.set_attention(select_attention(attention, device, compute_dtype or torch.bfloat16))
     pipe = Flux2Pipeline(
         parts.transformer,
         parts.autoencoder,

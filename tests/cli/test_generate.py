@@ -73,6 +73,14 @@ def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, args, messa
     assert len(err) == 1 and message in err[0]
 
 
+def test_info_backends_lists_each_attention_backend(capsys):
+    assert main(["info", "--backends"]) == 0
+    out = capsys.readouterr().out
+    assert "auto takes: sdpa" in out and "flash3" in out and "flash_attn_interface" in out
+    assert main(["info"]) == 2
+    assert "pass --backends" in capsys.readouterr().err
+
+
 def test_info_reads_headers_only(model, capsys):
     assert main(["info", model, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

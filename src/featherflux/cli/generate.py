@@ -16,7 +16,14 @@ from pathlib import Path
 
 import torch
 
-from featherflux.cli.options import add_device, add_download, add_placement, add_text_encoder, pipeline_options
+from featherflux.cli.options import (
+    add_attention,
+    add_device,
+    add_download,
+    add_placement,
+    add_text_encoder,
+    pipeline_options,
+)
 from featherflux.errors import UserError
 from featherflux.images import open_reference_image, save_png
 from featherflux.loading import demo_folder
@@ -46,6 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-images", type=int, default=1, metavar="K")
     p.add_argument("-o", "--output", help="output PNG (default: featherflux-SEED.png); K > 1 adds -0, -1, ...")
     add_device(p)
+    add_attention(p)
     add_download(p)
     add_text_encoder(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",

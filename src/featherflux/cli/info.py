@@ -13,9 +13,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featherflux.errors import WeightsError
+import torch
+
+from featherflux.errors import UserError, WeightsError
 from featherflux.loading import build_family, resolve_model_path, variant_of
 from featherflux.loading.dit import dit_config_from_file
+from featherflux.model.attention import report as attention_report
+from featherflux.model.attention import select as select_attention
 from featherflux.weights.io import safetensors_header
 from featherflux.weights.transformer import family_of
 
@@ -26,8 +30,13 @@ _NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "lm_head.")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="family, parameter counts, dtypes and sizes of a model, without loading it")
-    p.add_argument("model", help="pipeline folder, hub repo id in the local HF cache, 'demo', or a .safetensors file")
+    p.add_argument(
+        "model", nargs="?", help="pipeline folder, hub repo id in the local HF cache, 'demo', or a .safetensors file"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--backends", action="store_true", help="print this machine's GPU and the attention backends it can run"
+    )
     p.set_defaults(func=run)
 
 
@@ -104,7 +113,26 @@ def _size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
+def backends() -> list[str]:
+    """The lines of `info --backends`: the device, and each attention backend usable on it in bf16, or why not."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        lines = [f"device: {torch.cuda.get_device_name()} (compute capability {major}.{minor}), torch {torch.__version__}"]
+        device = "cuda"
+    else:
+        lines = [f"device: cpu (no CUDA device), torch {torch.__version__}"]
+        device = "cpu"
+    lines.append(f"attention backends in bf16 (auto takes: {select_attention('auto', device, torch.bfloat16).name}):")
+    return lines + ["  " + line for line in attention_report(device, torch.bfloat16)]
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.backends:
+        print("\n".join(backends()))
+        if args.model is None:
+            return 0
+    elif args.model is None:
+        raise UserError("name a model (a folder, a hub repo id or 'demo'), or pass --backends")
     info = summarize(args.model)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -10,6 +10,8 @@ import argparse
 
 import torch
 
+from featherflux.model.attention import BACKENDS as ATTENTION_BACKENDS
+
 DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
@@ -21,7 +23,9 @@ DTYPES = {
 OFFLOAD_MODES = ("model", "blocks", "sequential")
 QUANTIZE_MODES = ("int8", "fp8", "nf4")
 # load_pipeline keyword arguments that a flag of the same name (dashes for underscores) sets when given
-PIPELINE_FLAGS = ("vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token", "download", "revision")
+PIPELINE_FLAGS = (
+    "vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token", "download", "revision", "attention"
+)
 
 
 def dtype(value: str) -> torch.dtype:
@@ -43,6 +47,14 @@ def default_device() -> str:
 def add_device(p: argparse.ArgumentParser, *, dtype_help: str = "weight dtype (default: the checkpoint's)") -> None:
     p.add_argument("--device", default=default_device(), help="cuda or cpu (default: cuda when there is one)")
     p.add_argument("--dtype", type=dtype, metavar="{bf16,fp16,fp32}", help=dtype_help)
+
+
+def add_attention(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--attention",
+        choices=("auto", *ATTENTION_BACKENDS),
+        help="the DiT's attention kernel (default: auto, the fastest this device has; `featherflux info --backends`)",
+    )
 
 
 def add_placement(p: argparse.ArgumentParser, *, quantize_modes: tuple[str, ...] = QUANTIZE_MODES) -> None:

@@ -7,7 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from featherflux.cli.options import add_device, add_download, add_placement, add_text_encoder, pipeline_options
+from featherflux.cli.options import (
+    add_attention,
+    add_device,
+    add_download,
+    add_placement,
+    add_text_encoder,
+    pipeline_options,
+)
 from featherflux.cli.serve_ray import add_ray_arguments, serve_on_ray
 from featherflux.errors import MissingExtraError, UserError
 from featherflux.pipeline import load_pipeline
@@ -40,6 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--metrics-public", action="store_true",
                    help="serve /metrics without an API key (for a Prometheus scraper); by default it needs one")
     add_device(p)
+    add_attention(p)
     add_download(p)
     add_placement(p)
     add_text_encoder(p)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from featherflux.cli.options import add_device, add_download, add_text_encoder, pipeline_options
+from featherflux.cli.options import add_attention, add_device, add_download, add_text_encoder, pipeline_options
 from featherflux.errors import UserError
 from featherflux.lora.finetune import FinetuneSetup, finetune
 from featherflux.lora.train import TrainConfig
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None)
     add_device(p, dtype_help="base weight dtype (default: the checkpoint's)")
+    add_attention(p)
     add_download(p)
     add_text_encoder(p)
     p.set_defaults(func=run)

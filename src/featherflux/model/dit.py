@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featherflux.model.attention import Backend, sdpa
 from featherflux.model.config import DiTConfig
 from featherflux.model.rope import apply_rope, rope, timestep_embedding
 
@@ -52,8 +53,9 @@ class RefKVCache:
     num_ref: int = 0
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, ref_kv: RefKV | None = None) -> Tensor:
-    """(B, H, S, D) queries, keys, values -> (B, S, H*D). RoPE is applied to q and k here."""
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attend=sdpa, ref_kv: RefKV | None = None) -> Tensor:
+    """(B, H, S, D) queries, keys, values -> (B, S, H*D). RoPE is applied to q and k here; `attend` is the
+    backend's kernel (`featherflux.model.attention`)."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
     if ref_kv is not None:
         if ref_kv.k is None:
@@ -61,7 +63,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, ref_kv: RefKV | None 
         else:
             k = torch.cat([k, ref_kv.k], dim=2)
             v = torch.cat([v, ref_kv.v], dim=2)
-    x = F.scaled_dot_product_attention(q, k, v)
+    x = attend(q, k, v)
     return x.transpose(1, 2).flatten(2)
 
 
@@ -145,6 +147,7 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int):
         super().__init__()
         self.num_heads = num_heads
+        self.attend = sdpa  # the attention kernel; `Flux2.set_attention` swaps it
         self.img_attn = SelfAttention(dim, num_heads)
         self.txt_attn = SelfAttention(dim, num_heads)
         self.img_mlp = nn.Sequential(
@@ -170,7 +173,7 @@ class DoubleStreamBlock(nn.Module):
         k = torch.cat([txt_k, img_k], dim=2)
         v = torch.cat([txt_v, img_v], dim=2)
         del img_q, img_k, img_v, txt_q, txt_k, txt_v  # free the qkv projections before attention
-        attn = attention(q, k, v, pe, ref_kv)
+        attn = attention(q, k, v, pe, self.attend, ref_kv)
         del q, k, v
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
@@ -189,6 +192,7 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_hidden_dim: int):
         super().__init__()
         self.num_heads = num_heads
+        self.attend = sdpa  # the attention kernel; `Flux2.set_attention` swaps it
         self.split_sizes = [3 * dim, 2 * mlp_hidden_dim]
         self.linear1 = nn.Linear(dim, 3 * dim + 2 * mlp_hidden_dim, bias=False)
         self.linear2 = nn.Linear(dim + mlp_hidden_dim, dim, bias=False)
@@ -200,7 +204,7 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split(self.split_sizes, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe, ref_kv)
+        attn = attention(q, k, v, pe, self.attend, ref_kv)
         del q, k, v, qkv
         mlp = swiglu(mlp)  # drops the last view of linear1's output, so it is freed before the concat below
         out = torch.addcmul(x, gate, self.linear2(torch.cat([attn, mlp], dim=-1)))
@@ -237,6 +241,14 @@ class Flux2(nn.Module):
             SingleStreamBlock(dim, heads, mlp) for _ in range(config.depth_single_blocks)
         )
         self.final_layer = LastLayer(dim, config.in_channels)
+        self.attention_backend = "sdpa"
+
+    def set_attention(self, backend: Backend) -> None:
+        """Make every block call `backend`'s kernel (chosen once, by `attention.select`, when a pipeline loads)."""
+        self.attention_backend = backend.name
+        for block in self.modules():  # modules(), not the block lists: those may hold streaming wrappers
+            if isinstance(block, (DoubleStreamBlock, SingleStreamBlock)):
+                block.attend = backend.attend
 
     def _vec(self, t1000: Tensor, g1000: Tensor | None) -> Tensor:
         """Timestep (+ guidance) already scaled by 1000 -> conditioning vector (B, D)."""
