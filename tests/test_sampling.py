@@ -107,3 +107,29 @@ def test_initial_noise_matches_diffusers_randn_tensor():
     assert torch.equal(ours, theirs)
     with pytest.raises(ValueError, match="one per image"):
         initial_noise(shape, gens[:1], torch.float32)
+
+
+def test_true_cfg_runs_both_passes_as_one_batch_and_equals_two_passes():
+    from featherflux.model.build import build_transformer
+    from featherflux.model.config import DiTConfig
+    from featherflux.sampling import denoise, euler_step, get_schedule, image_ids, text_ids
+
+    dit = build_transformer(DiTConfig(in_channels=8, context_in_dim=12, hidden_size=32, num_heads=2, depth=1,
+                                      depth_single_blocks=2, axes_dim=(4,) * 4))
+    calls = []
+    counting = torch.nn.Module()
+    counting.register_module("dit", dit)
+    counting.forward = lambda *args: calls.append(args[0].shape[0]) or dit(*args)
+    latents, ctx, negative = torch.randn(1, 6, 8), torch.randn(1, 5, 12), torch.randn(1, 5, 12)
+    sigmas = get_schedule(3, 6)
+    x_ids, ctx_ids = image_ids(2, 3), text_ids(5)
+    out = denoise(counting, latents, sigmas, x_ids=x_ids, ctx=ctx, ctx_ids=ctx_ids, negative_ctx=negative,
+                  cfg_scale=4.0)
+    assert calls == [2, 2, 2]  # one DiT call of batch 2 per step
+    expected = latents
+    for i in range(3):
+        t = sigmas[i].expand(1)
+        v = dit(expected, x_ids[None], t, ctx, ctx_ids[None])
+        v_neg = dit(expected, x_ids[None], t, negative, ctx_ids[None])
+        expected = euler_step(expected, v_neg + 4.0 * (v - v_neg), sigmas[i], sigmas[i + 1])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

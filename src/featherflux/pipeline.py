@@ -131,6 +131,7 @@ class Flux2Pipeline(LoRAMixin):
         """Run a request; a device out-of-memory error moves to the next memory plan and runs it again."""
         return retry_on_oom(self, self._generate, request)
 
+    @torch.inference_mode()  # one mode for the whole run: tensors made before the loop are like those made in it
     def _generate(self, request: GenerationRequest):
         if request.caption_upsample_temperature is not None:
             pictures = [list(request.pictures)] * len(request.prompts) if request.pictures else None

@@ -144,6 +144,17 @@ def _steps(sigmas: Tensor, progress: bool):
     return tqdm(range(len(sigmas) - 1), desc="denoising", disable=not progress, leave=False)
 
 
+class _Context:
+    """The prompt side of a DiT call, in the DiT's dtype. With true CFG and prompts of one length, `paired` holds
+    [prompt; negative] embeddings and ids, so both passes run as one batch."""
+
+    def __init__(self, ctx: Tensor, ids: Tensor, negative: Tensor | None, negative_ids: Tensor | None):
+        self.ctx = ctx
+        self.paired = None
+        if negative is not None and negative.shape == ctx.shape:
+            self.paired = (torch.cat([ctx, negative]), torch.cat([ids, negative_ids]))
+
+
 def denoise(
     dit: nn.Module,
     latents: Tensor,
@@ -165,28 +176,45 @@ def denoise(
 
     x_ids (N, 4), ctx (B, L, ctx_dim), ctx_ids (L, 4); `guidance` (B,) goes into the DiT's guidance embedding (dev).
     Reference tokens (B, R, C) with ids (R, 4) are appended after the noisy ones and only the noisy tokens' velocity
-    is kept. With `negative_ctx`, true classifier-free guidance: v = v_neg + cfg_scale * (v - v_neg). With
+    is kept. With `negative_ctx`, true classifier-free guidance: v = v_neg + cfg_scale * (v - v_neg), both passes
+    in one DiT call of batch 2B when the two prompts have the same length (they do when padded). With
     `known` (inpainting), the region outside the mask is put back after every step.
     """
     dtype = next(dit.parameters()).dtype
     batch, num_img = latents.shape[:2]
+    # every id tensor and cast is made once, on the device, before the loop: nothing is copied from the host per step
     ids = (x_ids if ref_ids is None else torch.cat([x_ids, ref_ids]))[None].expand(batch, -1, -1)
     ctx_ids = ctx_ids[None].expand(batch, -1, -1)
-    negative_ids = None if negative_ctx is None else text_ids(negative_ctx.shape[1]).to(latents.device)[None]
+    ref_tokens = None if ref_tokens is None else ref_tokens.to(dtype)
+    negative_ids = None
+    if negative_ctx is not None:
+        negative_ctx = negative_ctx.to(dtype)
+        negative_ids = text_ids(negative_ctx.shape[1]).to(latents.device)[None].expand(batch, -1, -1)
+    context = _Context(ctx.to(dtype), ctx_ids, negative_ctx, negative_ids)
+    paired_ids = torch.cat([ids, ids])
     for i in _steps(sigmas, progress):
         t = _timestep(sigmas[i], batch, latents.dtype)
         x = latents.to(dtype)
         if ref_tokens is not None:
-            x = torch.cat([x, ref_tokens.to(dtype)], dim=1)
-        v = dit(x, ids, t, ctx.to(dtype), ctx_ids, guidance)[:, :num_img]
-        if negative_ctx is not None:
-            v_neg = dit(x, ids, t, negative_ctx.to(dtype), negative_ids, None)[:, :num_img]
+            x = torch.cat([x, ref_tokens], dim=1)
+        if context.paired is not None:
+            both_ctx, both_ids = context.paired
+            both = dit(torch.cat([x, x]), paired_ids, torch.cat([t, t]), both_ctx, both_ids, None)
+            v, v_neg = both[:, :num_img].chunk(2)
             v = v_neg + cfg_scale * (v - v_neg)
+        else:
+            v = dit(x, ids, t, context.ctx, ctx_ids, guidance)[:, :num_img]
+            if negative_ctx is not None:
+                v_neg = dit(x, ids, t, negative_ctx, negative_ids, None)[:, :num_img]
+                v = v_neg + cfg_scale * (v - v_neg)
         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
         if known is not None:
             latents = known.blend(latents, sigmas[i + 1])
         if on_step is not None:
-            latents, ctx = on_step(i, sigmas[i] * 1000, latents, ctx)
+            latents, new_ctx = on_step(i, sigmas[i] * 1000, latents, ctx)
+            if new_ctx is not ctx:
+                ctx = new_ctx
+                context = _Context(ctx.to(dtype), ctx_ids, negative_ctx, negative_ids)
     return latents
 
 
