@@ -33,7 +33,7 @@ def main() -> None:
     args.work = args.work.expanduser()
 
     pipe = load_pipeline("demo")
-    generate = evaluate.pipeline_generator(pipe, seed=args.seed)
+    generate = evaluate.PipelineGenerator(pipe, seed=args.seed)
     novel = (scenes.NOVEL_COLOR,)
     before = evaluate.evaluate(generate, n=args.n, colors=novel)
     print(f"before: {before.summary()}")

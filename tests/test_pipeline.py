@@ -191,6 +191,8 @@ def test_load_errors_name_the_problem(scratch, tmp_path):
         load_pipeline(tmp_path / "no-index", attention="flash3")  # refused before the folder is read
     with pytest.raises(UserError, match="unknown attention backend 'xformers'"):
         load_pipeline(src, attention="xformers")
+    with pytest.raises(UserError, match="unknown cache method 'taylor'"):
+        load_pipeline(src, cache="taylor")
 
 
 def test_the_attention_backend_is_chosen_at_load(scratch):

@@ -72,3 +72,18 @@ def test_defaults_come_from_the_family():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert floor_size(1024, 1024) == (1024, 1024)  # a size already on the grid is not a notice
+
+
+def test_cache_arguments_are_checked():
+    from featherflux.model.config import get_family
+    from featherflux.request import DEFAULT_CACHE_THRESHOLD, GenerationRequest
+
+    family = get_family("demo")
+    assert GenerationRequest.from_call(family, prompt="x").cache_threshold == 0.0
+    assert GenerationRequest.from_call(family, prompt="x", cache="first-block").cache_threshold == DEFAULT_CACHE_THRESHOLD
+    with pytest.raises(ValueError, match="unknown cache method 'taylor'; use one of first-block"):
+        GenerationRequest.from_call(family, prompt="x", cache="taylor")
+    with pytest.raises(ValueError, match="cache_threshold needs cache='first-block'"):
+        GenerationRequest.from_call(family, prompt="x", cache_threshold=0.1)
+    with pytest.raises(ValueError, match="cache_threshold must be >= 0"):
+        GenerationRequest.from_call(family, prompt="x", cache="first-block", cache_threshold=-1)

@@ -37,9 +37,10 @@ from featherflux.lora.mixin import LoRAMixin
 from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_oom
 from featherflux.model.attention import select as select_attention
 from featherflux.model.config import FamilyConfig
-from featherflux.request import GenerationRequest, Repaint, size_multiple
+from featherflux.request import CACHE_METHODS, GenerationRequest, Repaint, size_multiple
 from featherflux.sampling import (
     KnownRegion,
+    StepCaches,
     denoise,
     denoise_kv,
     get_schedule,
@@ -55,6 +56,7 @@ from featherflux.sampling import (
 @dataclass
 class Flux2PipelineOutput:
     images: list[Image.Image] | Tensor | np.ndarray  # PIL list, (B,3,H,W) tensor, (B,H,W,3) array or latents
+    dit_calls: int = 0  # DiT passes that ran in full (fewer than the steps when step caching skipped some)
 
 
 class Flux2Pipeline(LoRAMixin):
@@ -68,6 +70,7 @@ class Flux2Pipeline(LoRAMixin):
         kv_references: bool = False,
         model_id: str = "",
         device: str | torch.device = "cpu",
+        cache: str | None = None,
     ):
         self.transformer = transformer  # featherflux.model.dit.Flux2
         self.autoencoder = autoencoder  # featherflux.model.autoencoder.AutoEncoder
@@ -76,6 +79,7 @@ class Flux2Pipeline(LoRAMixin):
         self.kv_references = kv_references
         self.model_id = model_id
         self.device = torch.device(device)  # where the denoising runs
+        self.cache = cache  # the step caching of calls that do not choose their own (None or "first-block")
         self.placement = None  # a featherflux.memory.Placement, set by place_pipeline (None: all on `device`)
 
     @property
@@ -89,8 +93,8 @@ class Flux2Pipeline(LoRAMixin):
         `output_type`, `callback_on_step_end`, `callback_on_step_end_tensor_inputs`, `text_encoder_out_layers`,
         `caption_upsample_temperature` (dev), `show_progress` (see `GenerationRequest.from_call`). Defaults come from
         the model family. Returns an object with `.images`."""
-        images = self.generate(self.request(prompt, **kwargs))
-        return Flux2PipelineOutput(images) if return_dict else (images,)
+        result = self.run(self.request(prompt, **kwargs))
+        return result if return_dict else (result.images,)
 
     def inpaint(self, prompt: str | list[str] | None = None, *, return_dict: bool = True, **kwargs):
         """Repaint the white part of `mask_image` in `image`, with the keyword names and defaults of diffusers'
@@ -99,8 +103,9 @@ class Flux2Pipeline(LoRAMixin):
         `width`, `padding_mask_crop`, and the arguments of `__call__` (see `GenerationRequest.for_inpaint`).
         Steps and guidance default to the model family's. Works for klein (distilled and base, with CFG) and for
         dev (its guidance embedding instead of CFG). Returns an object with `.images`."""
-        images = self.generate(GenerationRequest.for_inpaint(self.family, prompt=prompt, **kwargs))
-        return Flux2PipelineOutput(images) if return_dict else (images,)
+        kwargs.setdefault("cache", self.cache)
+        result = self.run(GenerationRequest.for_inpaint(self.family, prompt=prompt, **kwargs))
+        return result if return_dict else (result.images,)
 
     def upsample_prompt(
         self, prompt: str | list[str], images: list | None = None, temperature: float = 0.15
@@ -125,11 +130,16 @@ class Flux2Pipeline(LoRAMixin):
 
     def request(self, prompt: str | list[str] | None = None, **kwargs) -> GenerationRequest:
         """The checked request of a call with these arguments, with this pipeline's family defaults filled in."""
+        kwargs.setdefault("cache", self.cache)
         return GenerationRequest.from_call(self.family, prompt=prompt, **kwargs)
 
-    def generate(self, request: GenerationRequest):
+    def run(self, request: GenerationRequest) -> Flux2PipelineOutput:
         """Run a request; a device out-of-memory error moves to the next memory plan and runs it again."""
         return retry_on_oom(self, self._generate, request)
+
+    def generate(self, request: GenerationRequest):
+        """The images of `run(request)`."""
+        return self.run(request).images
 
     @torch.inference_mode()  # one mode for the whole run: tensors made before the loop are like those made in it
     def _generate(self, request: GenerationRequest):
@@ -147,14 +157,15 @@ class Flux2Pipeline(LoRAMixin):
         h, w = request.height // multiple, request.width // multiple
         noise = self.prepare_latents(request, batch, h, w, embeds.dtype)
         known = None if repaint is None else self.known_region(repaint, ref_tokens[:, : h * w], noise, h, w)
+        caches = StepCaches(request.cache_threshold)
         with phase(self, "dit"):
-            latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids, known)
+            latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids, known, caches)
         with phase(self, "autoencoder"):
             images = self.decode(latents, h, w, request.output_type)
         if repaint is not None and repaint.overlay is not None:
             o = repaint.overlay
             images = [overlay(o.original, o.mask, image, o.box) for image in images]
-        return images
+        return Flux2PipelineOutput(images, caches.dit_calls)
 
     def encode_prompt(self, request: GenerationRequest) -> tuple[Tensor, Tensor | None]:
         """(B * num_images_per_prompt, L, ctx) prompt embeddings, and the negative ones when true CFG runs."""
@@ -228,6 +239,7 @@ class Flux2Pipeline(LoRAMixin):
         ref_tokens: Tensor | None,
         ref_ids: Tensor | None,
         known: KnownRegion | None = None,
+        caches: StepCaches | None = None,
     ) -> Tensor:
         """Noise (B, h*w, C) -> clean packed latents, by `sampling.denoise` (or `denoise_kv` for klein-9b-kv).
         Inpainting skips the noisiest steps by strength and starts from the picture noised to the first that runs
@@ -241,6 +253,8 @@ class Flux2Pipeline(LoRAMixin):
         ctx_ids = text_ids(embeds.shape[1]).to(self.device)
         on_step = None if request.callback is None else self._step_callback(request)
         if self.kv_references and ref_tokens is not None:
+            if request.cache_threshold > 0:
+                raise UserError("step caching does not combine with klein-9b-kv's reference K/V cache; drop `cache`")
             return denoise_kv(
                 self.transformer,
                 latents,
@@ -253,6 +267,7 @@ class Flux2Pipeline(LoRAMixin):
                 known=known,
                 on_step=on_step,
                 progress=request.show_progress,
+                caches=caches,
             )
         guidance = None
         if self.family.dit.guidance_embed:
@@ -272,6 +287,7 @@ class Flux2Pipeline(LoRAMixin):
             known=known,
             on_step=on_step,
             progress=request.show_progress,
+            caches=caches,
         )
 
     def _step_callback(self, request: GenerationRequest):
@@ -321,6 +337,7 @@ def load_pipeline(
     download: bool = False,
     revision: str | None = None,
     attention: str = "auto",
+    cache: str | None = None,
 ) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline from a diffusers-layout folder (with model_index.json), a hub repo id already in the
     local Hugging Face cache, or "demo" (the small model shipped with featherflux).
@@ -346,9 +363,12 @@ def load_pipeline(
     this run needs (at `revision`), through huggingface_hub (`featherflux.loading.hub`).
 
     `attention` is the DiT's attention kernel, chosen here once (`featherflux.model.attention`): "auto" (the
-    fastest this device and dtype can run) | "sdpa" | "cudnn" | "flash" | "flash3" | "sage".
+    fastest this device and dtype can run) | "sdpa" | "cudnn" | "flash" | "flash3" | "sage". `cache="first-block"`
+    turns on step caching for every call that does not choose its own (`GenerationRequest`).
     """
     select_attention(attention, device, dtype or torch.bfloat16)  # fail before any weights are read
+    if cache is not None and cache not in CACHE_METHODS:
+        raise UserError(f"unknown cache method {cache!r}; use one of {', '.join(CACHE_METHODS)} (or None)")
     parts = load_components(
         path_or_repo_id,
         device=device,
@@ -376,6 +396,7 @@ def load_pipeline(
         kv_references=parts.variant == "klein-kv",
         model_id=parts.model_id,
         device=device,
+        cache=cache,
     )
     if needs_placement(device, vram=vram, offload=offload, quantize=quantize) or embed_cache is not None:
         place_pipeline(

@@ -40,6 +40,10 @@ MIN_SIDE = 64
 MAX_PIXELS = 4 * 1024 * 1024
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSORS = ("latents", "prompt_embeds")
+CACHE_METHODS = ("first-block",)  # step caching (`featherflux.model.dit.FirstBlockCache`)
+# relative change of the first block's residual below which a step reuses the last full pass; see the README's
+# "Step caching" for how it was chosen
+DEFAULT_CACHE_THRESHOLD = 0.12
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,7 @@ class GenerationRequest:
         None  # dev: rewrite the prompts first (`Flux2Pipeline.upsample_prompt`)
     )
     pictures: tuple[Image.Image, ...] = ()  # the reference pictures as given: what the caption upsampler looks at
+    cache_threshold: float = 0.0  # first-block step caching; 0: every step runs the whole DiT
 
     @classmethod
     def from_call(
@@ -290,11 +295,14 @@ class GenerationRequest:
         callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
         text_encoder_out_layers: tuple[int, ...] | None = None,
         show_progress: bool = True,
+        cache: str | None = None,
+        cache_threshold: float | None = None,
     ) -> GenerationRequest:
         """The arguments every call shares. `seed` is a shortcut for
         `generator=torch.Generator("cpu").manual_seed(seed)`; steps and guidance default to the family's.
         `caption_upsample_temperature` (dev only) rewrites the prompts with the text encoder first, as diffusers'
-        `Flux2Pipeline` does."""
+        `Flux2Pipeline` does. `cache="first-block"` skips the DiT's later blocks on steps whose first block changed
+        by less than `cache_threshold` (default DEFAULT_CACHE_THRESHOLD)."""
         if (prompt is None) == (prompt_embeds is None):
             raise UserError("pass exactly one of `prompt` and `prompt_embeds`")
         prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
@@ -326,6 +334,13 @@ class GenerationRequest:
                 raise UserError("caption upsampling rewrites `prompt`; it cannot rewrite prompt_embeds")
             if caption_upsample_temperature <= 0:
                 raise UserError(f"caption_upsample_temperature must be > 0, got {caption_upsample_temperature}")
+        if cache is not None and cache not in CACHE_METHODS:
+            raise UserError(f"unknown cache method {cache!r}; use one of {', '.join(CACHE_METHODS)} (or None)")
+        if cache_threshold is not None and cache is None:
+            raise UserError("cache_threshold needs cache='first-block'")
+        if cache_threshold is not None and cache_threshold < 0:
+            raise UserError(f"cache_threshold must be >= 0, got {cache_threshold}")
+        threshold = 0.0 if cache is None else DEFAULT_CACHE_THRESHOLD if cache_threshold is None else cache_threshold
         if sigmas is not None and (len(sigmas) < 1 or not all(0 < s <= 1 for s in sigmas)):
             raise UserError("sigmas must be a non-empty list of values in (0, 1], e.g. numpy.linspace(1, 1/N, N)")
         return cls(
@@ -350,6 +365,7 @@ class GenerationRequest:
             repaint=repaint,
             caption_upsample_temperature=caption_upsample_temperature,
             pictures=tuple(pictures),
+            cache_threshold=float(threshold),
         )
 
     def image_parameters(

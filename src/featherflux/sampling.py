@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from featherflux.model.dit import FirstBlockCache
+
 REFERENCE_TIME_STEP = 10  # T offset between reference images (10, 20, 30, ...)
 
 
@@ -144,6 +146,22 @@ def _steps(sigmas: Tensor, progress: bool):
     return tqdm(range(len(sigmas) - 1), desc="denoising", disable=not progress, leave=False)
 
 
+@dataclass
+class StepCaches:
+    """First-block caches for one run (`featherflux.model.dit.FirstBlockCache`): one for the conditional passes, one
+    for the unconditional ones when true CFG runs them apart. `dit_calls` counts the DiT passes that ran in full."""
+
+    threshold: float = 0.0
+
+    def __post_init__(self):
+        self.cond = FirstBlockCache(self.threshold)
+        self.uncond = FirstBlockCache(self.threshold)
+
+    @property
+    def dit_calls(self) -> int:
+        return self.cond.full_passes + self.uncond.full_passes
+
+
 class _Context:
     """The prompt side of a DiT call, in the DiT's dtype. With true CFG and prompts of one length, `paired` holds
     [prompt; negative] embeddings and ids, so both passes run as one batch."""
@@ -171,6 +189,7 @@ def denoise(
     known: KnownRegion | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
+    caches: StepCaches | None = None,
 ) -> Tensor:
     """Euler steps from noise to clean packed latents (B, N, C), in the latents' dtype.
 
@@ -178,8 +197,10 @@ def denoise(
     Reference tokens (B, R, C) with ids (R, 4) are appended after the noisy ones and only the noisy tokens' velocity
     is kept. With `negative_ctx`, true classifier-free guidance: v = v_neg + cfg_scale * (v - v_neg), both passes
     in one DiT call of batch 2B when the two prompts have the same length (they do when padded). With
-    `known` (inpainting), the region outside the mask is put back after every step.
+    `known` (inpainting), the region outside the mask is put back after every step. `caches` skips the DiT's
+    later blocks on steps whose first block changed little (threshold 0: never) and counts the passes.
     """
+    caches = caches or StepCaches()
     dtype = next(dit.parameters()).dtype
     batch, num_img = latents.shape[:2]
     # every id tensor and cast is made once, on the device, before the loop: nothing is copied from the host per step
@@ -199,13 +220,13 @@ def denoise(
             x = torch.cat([x, ref_tokens], dim=1)
         if context.paired is not None:
             both_ctx, both_ids = context.paired
-            both = dit(torch.cat([x, x]), paired_ids, torch.cat([t, t]), both_ctx, both_ids, None)
+            both = dit(torch.cat([x, x]), paired_ids, torch.cat([t, t]), both_ctx, both_ids, None, caches.cond)
             v, v_neg = both[:, :num_img].chunk(2)
             v = v_neg + cfg_scale * (v - v_neg)
         else:
-            v = dit(x, ids, t, context.ctx, ctx_ids, guidance)[:, :num_img]
+            v = dit(x, ids, t, context.ctx, ctx_ids, guidance, caches.cond)[:, :num_img]
             if negative_ctx is not None:
-                v_neg = dit(x, ids, t, negative_ctx, negative_ids, None)[:, :num_img]
+                v_neg = dit(x, ids, t, negative_ctx, negative_ids, None, caches.uncond)[:, :num_img]
                 v = v_neg + cfg_scale * (v - v_neg)
         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
         if known is not None:
@@ -231,6 +252,7 @@ def denoise_kv(
     known: KnownRegion | None = None,
     on_step: StepCallback | None = None,
     progress: bool = False,
+    caches: StepCaches | None = None,
 ) -> Tensor:
     """`denoise` for klein-9b-kv: the first step runs [reference, noisy] tokens and keeps every block's reference
     K/V; later steps run the noisy tokens only, with the cached K/V joining every attention."""
@@ -246,6 +268,8 @@ def denoise_kv(
             v, kv_cache = dit.forward_kv_extract(x, ids, t, ctx.to(dtype), ctx_ids[None], ref_tokens.shape[1])
         else:
             v = dit.forward_kv_cached(x, x_ids[None], t, ctx.to(dtype), ctx_ids[None], kv_cache)
+        if caches is not None:
+            caches.cond.full_passes += 1  # no step caching on this path: every pass is a full one
         latents = euler_step(latents, v, sigmas[i], sigmas[i + 1])
         if known is not None:
             latents = known.blend(latents, sigmas[i + 1])

@@ -1,6 +1,8 @@
 """The shipped demo model: it loads and generates through the same code paths as the real families, the CLI uses
 it by default, and its pictures still match their captions (a broken RoPE, schedule or VAE shows up here)."""
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -41,7 +43,7 @@ def test_demo_loads_as_the_demo_family_with_the_real_components(demo):
 
 def test_shipped_demo_still_draws_what_it_is_told(demo):
     prompts = evaluate.heldout_prompts(24)
-    generate = evaluate.pipeline_generator(demo)
+    generate = evaluate.PipelineGenerator(demo)
     report = evaluate.score(generate([p.caption for p in prompts], 0), prompts)
     # The shipped model draws 99.5-100% of colours, backgrounds and positions of 200 held-out captions right and 93%
     # of shapes (400 captions without CFG: 77%); a broken RoPE, schedule, CFG, latent normalisation or VAE drops
@@ -77,3 +79,21 @@ def test_freshly_written_demo_pipeline_round_trips(tmp_path):
 def test_eval_demo_prints_the_adherence(capsys):
     assert cli_main(["eval-demo", "--n", "4"]) == 0
     assert "adherence" in capsys.readouterr().out
+
+
+def test_default_step_cache_skips_a_quarter_of_the_passes_and_keeps_adherence(demo):
+    prompts = evaluate.heldout_prompts(24)
+    plain = evaluate.PipelineGenerator(demo, 16)
+    cached = evaluate.PipelineGenerator(demo, 16, cache="first-block")
+    base = evaluate.score(plain([p.caption for p in prompts], 0), prompts)
+    report = evaluate.score(cached([p.caption for p in prompts], 0), prompts)
+    # measured on 200 captions at 16 steps: 10 of 16 passes, adherence 92.0% against 91.0% without the cache
+    assert cached.dit_calls[0] <= 0.75 * 16 and plain.dit_calls == [16]
+    assert report.adherence >= base.adherence - 0.05, (report.summary(), base.summary())
+
+
+def test_eval_demo_json_reports_passes_and_scores(capsys):
+    assert cli_main(["eval-demo", "--n", "4", "--steps", "4", "--cache", "first-block", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(line) == {"adherence", "shape", "colour", "background", "position", "dit_calls", "steps", "n", "seconds"}
+    assert line["n"] == 4 and line["steps"] == 4 and 1 <= line["dit_calls"] <= 4

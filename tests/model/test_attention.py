@@ -33,6 +33,7 @@ def test_a_backend_that_cannot_run_says_why_and_what_can():
 
 
 def test_a_missing_package_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(attention, "_package_version", lambda module: None)
     assert why_not("flash3", "cuda", torch.bfloat16) == "the flash_attn_interface package is not installed"

@@ -28,7 +28,14 @@ from featherflux.errors import UserError
 from featherflux.images import open_reference_image, save_png
 from featherflux.loading import demo_folder
 from featherflux.pipeline import load_pipeline
-from featherflux.request import MAX_REFERENCES, MIN_SIDE, GenerationRequest, floor_size
+from featherflux.request import (
+    CACHE_METHODS,
+    DEFAULT_CACHE_THRESHOLD,
+    MAX_REFERENCES,
+    MIN_SIDE,
+    GenerationRequest,
+    floor_size,
+)
 
 
 def register(subparsers) -> None:
@@ -48,6 +55,11 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=int, help="default: the first reference's width, else the model's default")
     p.add_argument("--height", type=int, help="default: the first reference's height, else the model's default")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--cache", choices=CACHE_METHODS, help="step caching: skip the DiT's later blocks on steps that "
+                   "change little (faster, slightly different picture)")
+    p.add_argument("--cache-threshold", type=float, metavar="X",
+                   help=f"with --cache: the relative change below which a step is skipped "
+                   f"(default {DEFAULT_CACHE_THRESHOLD})")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, stored in the PNG)")
     p.add_argument("--num-images", type=int, default=1, metavar="K")
@@ -138,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
                 "guidance_scale": args.guidance,
                 "generator": [torch.Generator("cpu").manual_seed(seed + i) for i in range(args.num_images)],
                 "num_images_per_prompt": args.num_images,
+                "cache": args.cache,
+                "cache_threshold": args.cache_threshold,
             }
             if init is None:
                 request = pipe.request(prompt, image=references or None, **call)

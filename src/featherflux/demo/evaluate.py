@@ -227,13 +227,20 @@ def evaluate(
     return score(images, prompts)
 
 
-def pipeline_generator(pipe, num_inference_steps: int | None = None, seed: int = 0):
-    """Adapt a pipeline to `evaluate`'s `generate(captions, offset)`; image i of a call is seeded seed + offset + i."""
-    steps = num_inference_steps or pipe.family.default_steps
+class PipelineGenerator:
+    """A pipeline as `evaluate`'s `generate(captions, offset)`; image i of a call is seeded seed + offset + i. Keeps
+    the DiT passes each call ran (`dit_calls`), to measure step caching."""
 
-    def generate(captions: list[str], offset: int) -> list[Image.Image]:
-        generators = [torch.Generator().manual_seed(seed + offset + i) for i in range(len(captions))]
+    def __init__(self, pipe, num_inference_steps: int | None = None, seed: int = 0, **call):
+        self.pipe, self.seed, self.call = pipe, seed, call
+        self.steps = num_inference_steps or pipe.family.default_steps
+        self.dit_calls: list[int] = []
+
+    def __call__(self, captions: list[str], offset: int) -> list[Image.Image]:
+        generators = [torch.Generator().manual_seed(self.seed + offset + i) for i in range(len(captions))]
         size = scenes.IMAGE_SIZE
-        return pipe(prompt=captions, height=size, width=size, num_inference_steps=steps, generator=generators).images
-
-    return generate
+        result = self.pipe(
+            prompt=captions, height=size, width=size, num_inference_steps=self.steps, generator=generators, **self.call
+        )
+        self.dit_calls.append(result.dit_calls)
+        return result.images

@@ -92,6 +92,8 @@ def why_not(name: str, device: torch.device | str, dtype: torch.dtype) -> str | 
         return None
     if device.type != "cuda":
         return f"needs a CUDA device (this is {device.type})"
+    if not torch.cuda.is_available():
+        return "PyTorch sees no CUDA device"
     if dtype not in HALF:
         return f"needs bf16 or fp16 weights (these are {str(dtype).removeprefix('torch.')})"
     capability = torch.cuda.get_device_capability(device)

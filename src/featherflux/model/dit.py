@@ -45,6 +45,35 @@ class RefKV:
 
 
 @dataclass
+class FirstBlockCache:
+    """Step caching across the denoising steps of one run (the FLUX community's "first-block cache").
+
+    Every step runs the first double block. When the image stream's residual through it changed by less than
+    `threshold` (mean absolute change over mean magnitude) since the last step that ran in full, the rest of the DiT
+    is skipped and the remainder residual of that step (final hidden state minus first-block output) is reused.
+    Deciding needs one number from the device per step, so with `threshold` > 0 the loop syncs once a step; at 0 it
+    never skips and never reads. One cache per stream of calls (the conditional and unconditional CFG passes differ).
+    """
+
+    threshold: float = 0.0
+    full_passes: int = 0  # DiT passes that ran every block
+    first_residual: Tensor | None = None
+    remainder: Tensor | None = None
+
+    def reusable(self, first_residual: Tensor) -> bool:
+        if self.threshold <= 0 or self.first_residual is None or self.first_residual.shape != first_residual.shape:
+            return False
+        change = (first_residual - self.first_residual).abs().mean() / self.first_residual.abs().mean()
+        return change.item() < self.threshold  # the one host read of a step
+
+    def store(self, entry: Tensor, first: Tensor, last: Tensor) -> None:
+        """After a full pass: the image tokens entering the first block, leaving it, and leaving the last one."""
+        self.full_passes += 1
+        if self.threshold > 0:
+            self.first_residual, self.remainder = first - entry, last - first
+
+
+@dataclass
 class RefKVCache:
     """Reference-token K/V for every block; made by `Flux2.extract_ref_kv`."""
 
@@ -275,12 +304,16 @@ class Flux2(nn.Module):
         ctx: Tensor,
         ctx_ids: Tensor,
         guidance: Tensor | None = None,
+        step_cache: FirstBlockCache | None = None,
     ) -> Tensor:
         """x (B, N, in_ch), x_ids (B, N, 4), timesteps (B,) in [0, 1], ctx (B, L, ctx_dim), ctx_ids (B, L, 4),
-        guidance (B,) raw scale or None -> velocity (B, N, in_ch)."""
-        return self._forward(x, x_ids, timesteps, ctx, ctx_ids, guidance, None)
+        guidance (B,) raw scale or None -> velocity (B, N, in_ch). With `step_cache`, the blocks after the first may
+        be skipped (see `FirstBlockCache`)."""
+        return self._forward(x, x_ids, timesteps, ctx, ctx_ids, guidance, None, step_cache)
 
-    def _forward(self, x, x_ids, timesteps, ctx, ctx_ids, guidance, cache: RefKVCache | None) -> Tensor:
+    def _forward(
+        self, x, x_ids, timesteps, ctx, ctx_ids, guidance, cache: RefKVCache | None, step_cache=None
+    ) -> Tensor:
         vec = self._vec(*self._scaled(timesteps, guidance, x.dtype))
         mod_img = self.double_stream_modulation_img(vec)
         mod_txt = self.double_stream_modulation_txt(vec)
@@ -288,15 +321,23 @@ class Flux2(nn.Module):
         pe = self._pe(ctx_ids, x_ids)
         img, txt = self.img_in(x), self.txt_in(ctx)
         num_txt = txt.shape[1]
+        entry_img = img if step_cache is not None else None  # kept only when a step cache needs it
+        first_img = None
         for i, block in enumerate(self.double_blocks):
             if cache is None:
                 img, txt = block(img, txt, pe, mod_img, mod_txt)
             else:
                 img, txt = block(img, txt, pe, mod_img, mod_txt, cache.double[i])
+            if i == 0 and step_cache is not None:
+                first_img = img
+                if step_cache.reusable(first_img - entry_img):
+                    return self.final_layer(first_img + step_cache.remainder, vec)
         x = torch.cat([txt, img], dim=1)
         del img, txt
         for i, block in enumerate(self.single_blocks):
             x = block(x, pe, mod_single) if cache is None else block(x, pe, mod_single, cache.single[i])
+        if first_img is not None:
+            step_cache.store(entry_img, first_img, x[:, num_txt:])
         return self.final_layer(x[:, num_txt:], vec)
 
     @torch.no_grad()
