@@ -270,3 +270,4 @@ def test_simpletuner_klein_lokr_on_the_feed_forward_layers(tmp_path):
     load_lora(model, tmp_path / "lokr.safetensors")
     fuse_lora(model)
     assert_matches(model, {native: base[native] + torch.kron(w1, w2) for native, w1, w2 in factors.values()})
+

@@ -125,3 +125,17 @@ def test_quantized_text_encoder_stays_close(mode):
     assert all(not isinstance(m, nn.Linear) for m in model.layers.modules())
     out = model(input_ids=ids, output_hidden_states=True).hidden_states[2]
     assert rel_err(out, reference) < {"int8": 0.03, "nf4": 0.25}[mode]  # measured ~0.01 / ~0.16 on random weights
+
+
+@pytest.mark.skipif(not nf4_available(), reason="bitsandbytes is not installed")
+def test_nf4_builds_its_quant_state_once_per_placement_and_dtype():
+    layer = NF4Linear.from_linear(nn.Linear(128, 64, bias=False))
+    x = torch.randn(2, 128)
+    first = layer(x)
+    state = layer._state
+    assert torch.equal(layer(x), first) and layer._state is state  # reused, not rebuilt per call
+    layer(x.bfloat16())
+    assert layer._state is not state and layer._state.dtype == torch.bfloat16
+    layer.absmax = layer.absmax.clone()  # what a move to another device does to the buffer
+    layer(x)
+    assert layer._state.absmax is layer.absmax

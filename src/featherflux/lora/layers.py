@@ -111,6 +111,7 @@ class LoRALinear(nn.Module):
         self.out_features = base.out_features
         self.adapters = nn.ModuleDict()
         self.user_scales: dict[str, float] = {}
+        self.active: list[tuple[nn.Module, float]] = []  # (adapter, scale) with scale != 0, kept by _refresh
         self.original_weight: torch.Tensor | None = None  # set while fused
 
     @property
@@ -131,25 +132,31 @@ class LoRALinear(nn.Module):
             raise UserError(f"a LoRA named {name!r} is already loaded; pass another name or unload it first")
         self.adapters[_key(name)] = adapter
         self.user_scales[name] = float(scale)
+        self._refresh()
 
     def remove_adapter(self, name: str) -> None:
         if self.fused:
             raise UserError("cannot unload a LoRA while LoRAs are fused; call unfuse_lora() first")
         del self.adapters[_key(name)]
         del self.user_scales[name]
+        self._refresh()
 
     def set_scale(self, name: str, scale: float) -> None:
         if self.fused:
             raise UserError("cannot change a LoRA scale while LoRAs are fused; call unfuse_lora() first")
         self.user_scales[name] = float(scale)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # the forward pass reads this list: no name mangling or dict lookups per call
+        self.active = [(self.adapters[_key(n)], s) for n, s in self.user_scales.items() if s != 0.0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.fused:
             return out
-        for name, scale in self.user_scales.items():
-            if scale != 0.0:
-                out = out + (self.adapters[_key(name)](x) * scale).to(out.dtype)
+        for adapter, scale in self.active:
+            out = out + (adapter(x) * scale).to(out.dtype)
         return out
 
     def delta_weight(self) -> torch.Tensor:

@@ -10,6 +10,8 @@ Notable features:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -119,16 +121,33 @@ _TORCH_DEQUANT = {
 }
 
 
-def dequantize(raw: Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Raw GGUF bytes (rows of uint8 blocks) of format `qtype` -> a tensor of `shape` in `dtype`."""
+Dequantizer = Callable[[Tensor, tuple[int, ...], torch.dtype], Tensor]
+
+
+def dequantizer(qtype: int) -> Dequantizer:
+    """The function that turns raw GGUF bytes (rows of uint8 blocks) of format `qtype` into a tensor of a shape and
+    dtype: looked up once per layer, not per call."""
     gguf = gguf_package()
     kind = gguf.GGMLQuantizationType(qtype)
     block_bytes = gguf.GGML_QUANT_SIZES[kind][1]
     fn = _TORCH_DEQUANT.get(kind.name)
     if fn is None:
-        values = gguf.quants.dequantize(raw.cpu().numpy(), kind)
-        return torch.from_numpy(np.ascontiguousarray(values)).to(raw.device, dtype).reshape(shape)
-    return fn(raw.reshape(-1, block_bytes)).to(dtype).reshape(shape)
+
+        def with_numpy(raw: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+            values = gguf.quants.dequantize(raw.cpu().numpy(), kind)
+            return torch.from_numpy(np.ascontiguousarray(values)).to(raw.device, dtype).reshape(shape)
+
+        return with_numpy
+
+    def with_torch(raw: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return fn(raw.reshape(-1, block_bytes)).to(dtype).reshape(shape)
+
+    return with_torch
+
+
+def dequantize(raw: Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Raw GGUF bytes (rows of uint8 blocks) of format `qtype` -> a tensor of `shape` in `dtype`."""
+    return dequantizer(qtype)(raw, shape, dtype)
 
 
 class GGUFLinear(nn.Module):
@@ -138,6 +157,7 @@ class GGUFLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
         self.register_buffer("weight", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
+        self.dequantize_blocks = dequantizer(qtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, dequantize(self.weight, self.qtype, (self.out_features, self.in_features), x.dtype))
+        return F.linear(x, self.dequantize_blocks(self.weight, (self.out_features, self.in_features), x.dtype))

@@ -115,6 +115,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("absmax", torch.empty(-(-n // NF4_BLOCK), dtype=torch.float32, device=device))
         self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._state = None  # bitsandbytes' QuantState, built once per (absmax tensor, dtype): see quant_state
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> NF4Linear:
@@ -129,17 +130,24 @@ class NF4Linear(nn.Module):
             q.bias.data.copy_(linear.bias.detach())
         return q
 
+    def quant_state(self, dtype: torch.dtype):
+        """The QuantState of this weight for `dtype`; rebuilt only when the buffers moved (`.to()` replaces them) or
+        the dtype changed, not on every call."""
+        state = self._state
+        if state is None or state.absmax is not self.absmax or state.code is not self.code or state.dtype != dtype:
+            state = _bitsandbytes().functional.QuantState(
+                absmax=self.absmax,
+                shape=torch.Size((self.out_features, self.in_features)),
+                code=self.code,
+                blocksize=NF4_BLOCK,
+                quant_type="nf4",
+                dtype=dtype,
+            )
+            self._state = state
+        return state
+
     def dequantize(self, dtype: torch.dtype) -> Tensor:
-        bnb = _bitsandbytes()
-        state = bnb.functional.QuantState(
-            absmax=self.absmax,
-            shape=torch.Size((self.out_features, self.in_features)),
-            code=self.code,
-            blocksize=NF4_BLOCK,
-            quant_type="nf4",
-            dtype=dtype,
-        )
-        return bnb.functional.dequantize_4bit(self.weight, state)
+        return _bitsandbytes().functional.dequantize_4bit(self.weight, self.quant_state(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.dequantize(x.dtype), self.bias)
