@@ -99,3 +99,10 @@ def test_cuda_without_a_gpu_says_to_use_the_cpu_before_loading(klein_dir):
 
     with pytest.raises(UserError, match="--device cpu"):
         load_pipeline(klein_dir, device="cuda")
+
+
+def test_fp8_without_fp8_tensor_cores_says_it_falls_back(klein_dir, reference):
+    with pytest.warns(UserWarning, match="without fp8 tensor cores .* dequantised to bf16"):
+        pipe = load_pipeline(klein_dir, quantize="fp8")
+    images = pipe(**CALL).images
+    assert images.shape == reference.shape and (images - reference).abs().mean() < 0.1

@@ -139,3 +139,17 @@ def test_nf4_builds_its_quant_state_once_per_placement_and_dtype():
     layer.absmax = layer.absmax.clone()  # what a move to another device does to the buffer
     layer(x)
     assert layer._state.absmax is layer.absmax
+
+
+@torch.no_grad()
+def test_fp8_path_is_chosen_by_the_inputs_device_at_call_time(monkeypatch):
+    from featherflux.memory import quant
+
+    linear = nn.Linear(128, 64, bias=False).to(torch.bfloat16)
+    x = torch.randn(4, 128).to(torch.bfloat16)
+    layer = quantize(nn.Sequential(linear), "fp8", predicate=lambda n, m: True)[0]  # quantized on the host
+    assert layer.scaled_mm is None
+    plain, fast = Float8Linear.from_linear(linear, scaled_mm=False), Float8Linear.from_linear(linear, scaled_mm=True)
+    assert torch.equal(layer(x), plain(x))  # CPU: the dequantising fallback
+    monkeypatch.setattr(quant, "fp8_matmul_available", lambda device: True)  # as if it now ran on an sm_89+ GPU
+    assert torch.equal(layer(x), fast(x))

@@ -26,7 +26,7 @@ from torch import nn
 
 from featherflux.errors import MissingWeightsError, WeightsError
 from featherflux.memory.gguf import GGUFLinear, dequantize
-from featherflux.memory.quant import Float8Linear, fp8_matmul_available
+from featherflux.memory.quant import Float8Linear
 from featherflux.model.config import DiTConfig, FamilyConfig
 from featherflux.model.dit import Flux2
 from featherflux.model.swap import assign_tensor, replace_module
@@ -184,9 +184,7 @@ def load_bfl_fp8_transformer(
         value = read_tensor(checkpoint.tensors[name])
         if module_name in checkpoint.scales and attr == "weight":
             linear = model.get_submodule(module_name)
-            layer = Float8Linear(
-                linear.in_features, linear.out_features, False, dtype, "meta", scaled_mm=fp8_matmul_available(device)
-            )
+            layer = Float8Linear(linear.in_features, linear.out_features, False, dtype, "meta")
             layer.weight = value.to(device, torch.float8_e4m3fn)  # a view of the file map when mmap'd
             scale = read_tensor(checkpoint.scales[module_name]).to(device, torch.float32).reshape(-1)
             layer.weight_scale = scale.expand(linear.out_features).contiguous() if scale.numel() == 1 else scale

@@ -26,7 +26,7 @@ from torch import nn
 
 from featherflux.memory.gguf import GGUFLinear
 from featherflux.memory.planner import Plan
-from featherflux.memory.quant import Float8Linear, Int8Linear, NF4Linear, quantize
+from featherflux.memory.quant import Float8Linear, Int8Linear, NF4Linear, fp8_matmul_available, quantize
 from featherflux.memory.streaming import (
     DeviceLedger,
     Streamer,
@@ -145,6 +145,12 @@ def apply_placement(
     device = torch.device(device)
     placement = Placement(plan, device, torch.device(host), ledger or DeviceLedger(), fallbacks=list(fallbacks))
     components = _components(pipe)
+    if plan.quantize == "fp8" and device.type != "meta" and not fp8_matmul_available(device):
+        warnings.warn(
+            f"fp8 weights on {device} without fp8 tensor cores (CUDA compute capability 8.9+): they are dequantised "
+            "to bf16 for each matmul, saving memory but not time",
+            stacklevel=3,
+        )
     if plan.quantize in ("int8", "fp8", "nf4"):  # GGUF plans come with their DiT already quantized
         for name in ("dit", "text_encoder"):  # a second call finds no Linear left to swap
             if name in components and not _quantized(components[name]):  # e.g. a DiT loaded from a BFL fp8 file

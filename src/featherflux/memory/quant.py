@@ -5,7 +5,7 @@ Notable features:
 - `Int8Linear`: symmetric per-output-channel int8 (our own, gpt-fast style): y = (x @ W_q^T) * scale.
 - `Float8Linear`: float8_e4m3fn weight with one fp32 scale per output row (BFL's "fp8r" layout, so their fp8
   checkpoints load straight into it). On devices with fp8 tensor cores (sm_89+) it can run `torch._scaled_mm`
-  with per-row activation scales instead of dequantising; `quantize(..., fp8_matmul=None)` turns that on only there.
+  with per-row activation scales instead of dequantising; by default each call decides from its input's device.
 - `NF4Linear`: bitsandbytes NF4 codes (works on CPU in bitsandbytes >= 0.45); the absmax and code tables are
   buffers, so `.to(device)` and block streaming move them like any weight.
 - GGUF block formats live in `memory.gguf` (`GGUFLinear`) and follow the same pattern.
@@ -15,6 +15,7 @@ hooks, and a quantized model still moves with `.to()`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -61,7 +62,7 @@ class Float8Linear(nn.Module):
         bias: bool = False,
         dtype=torch.bfloat16,
         device=None,
-        scaled_mm: bool = False,
+        scaled_mm: bool | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features, self.scaled_mm = in_features, out_features, scaled_mm
@@ -70,7 +71,7 @@ class Float8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scaled_mm: bool = False) -> Float8Linear:
+    def from_linear(cls, linear: nn.Linear, scaled_mm: bool | None = None) -> Float8Linear:
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=1e-12)
         q = cls(
@@ -83,7 +84,9 @@ class Float8Linear(nn.Module):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.scaled_mm:
+        # None: decided by where the input is now, so weights quantized on the host and moved later still use fp8
+        use_scaled_mm = fp8_matmul_available(x.device) if self.scaled_mm is None else self.scaled_mm
+        if use_scaled_mm:
             return self._scaled_mm(x)
         y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         return y if self.bias is None else y + self.bias
@@ -169,8 +172,9 @@ def nf4_available() -> bool:
     return True
 
 
+@functools.cache
 def fp8_matmul_available(device: torch.device | str) -> bool:
-    """fp8 tensor cores: CUDA compute capability 8.9 (Ada) or newer."""
+    """fp8 tensor cores: CUDA compute capability 8.9 (Ada) or newer. Cached: Float8Linear asks on every call."""
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -188,7 +192,7 @@ def quantize(
     """Replace, in place, every `nn.Linear` for which `predicate(qualified_name, linear)` holds. Returns the model.
 
     `mode`: "int8", "fp8" or "nf4". `fp8_matmul` (fp8 only): run `torch._scaled_mm` instead of dequantising;
-    None = where the weights' device has fp8 tensor cores.
+    None = decided at each call by the input's device (fp8 tensor cores there, or the dequantising fallback).
     """
     if mode not in ("int8", "fp8", "nf4"):
         raise UserError(f"unknown quantization {mode!r}; use int8, fp8 or nf4")
@@ -199,7 +203,6 @@ def quantize(
         elif mode == "nf4":
             q = NF4Linear.from_linear(linear)
         else:
-            use = fp8_matmul_available(linear.weight.device) if fp8_matmul is None else fp8_matmul
-            q = Float8Linear.from_linear(linear, scaled_mm=use)
+            q = Float8Linear.from_linear(linear, scaled_mm=fp8_matmul)
         replace_module(model, name, q)
     return model
