@@ -212,7 +212,7 @@ def denoise(
         negative_ctx = negative_ctx.to(dtype)
         negative_ids = text_ids(negative_ctx.shape[1]).to(latents.device)[None].expand(batch, -1, -1)
     context = _Context(ctx.to(dtype), ctx_ids, negative_ctx, negative_ids)
-    paired_ids = torch.cat([ids, ids])
+    paired_ids = None if negative_ctx is None else torch.cat([ids, ids])  # only true CFG needs the doubled ids
     for i in _steps(sigmas, progress):
         t = _timestep(sigmas[i], batch, latents.dtype)
         x = latents.to(dtype)
