@@ -193,10 +193,44 @@ def test_load_errors_name_the_problem(scratch, tmp_path):
         load_pipeline(src, attention="xformers")
     with pytest.raises(UserError, match="unknown cache method 'taylor'"):
         load_pipeline(src, cache="taylor")
+    with pytest.raises(ValueError, match="use False, True or 'max'"):
+        load_pipeline(src, compile="fast")
 
 
 def test_the_attention_backend_is_chosen_at_load(scratch):
     assert load_pipeline(tiny_pipeline_dir("klein", scratch), attention="auto").transformer.attention_backend == "sdpa"
+
+
+@pytest.mark.parametrize("kind, guidance", [("dev", 4.0), ("klein-base", 3.0)])  # guidance embedding; batched CFG
+def test_compiled_matches_eager_and_diffusers_without_recompiling(pipes, scratch, kind, guidance):
+    from torch._dynamo.utils import counters
+
+    compiled = load_pipeline(tiny_pipeline_dir(kind, scratch), compile=True)
+    kwargs = dict(prompt=PROMPTS, num_inference_steps=3, height=64, width=96, guidance_scale=guidance)
+    torch._dynamo.reset()
+    counters.clear()
+    a = compiled(generator=torch.Generator().manual_seed(0), show_progress=False, max_sequence_length=SEQ,
+                 output_type="np", **kwargs).images
+    assert counters["stats"]["unique_graphs"] == 2  # one per block kind, for every block and every step
+    assert not counters["recompiles"] and not counters["graph_break"]
+    eager, theirs = run_both(pipes, kind, **kwargs)
+    np.testing.assert_allclose(a, eager, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(a, theirs, atol=1e-4, rtol=0)
+
+
+def test_a_failed_compile_falls_back_to_eager(pipes, scratch):
+    pipe = load_pipeline(tiny_pipeline_dir("klein", scratch))
+
+    def broken_compiler(graph, example_inputs):
+        raise RuntimeError("no kernels today")
+
+    for block in pipe.transformer.repeated_blocks():
+        block.compile(backend=broken_compiler)
+    kwargs = dict(prompt=PROMPTS, num_inference_steps=2, max_sequence_length=SEQ, output_type="np", show_progress=False)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = pipes("klein")[0](generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_array_equal(a, b)
 
 
 def test_hub_repo_id_resolves_from_the_local_cache(scratch, tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from featherflux.loading import load_components
 from featherflux.lora.mixin import LoRAMixin
 from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_oom
 from featherflux.model.attention import select as select_attention
+from featherflux.model.compile import COMPILE_FAILURES, check_mode, compile_blocks, uncompile_blocks
 from featherflux.model.config import FamilyConfig
 from featherflux.request import CACHE_METHODS, GenerationRequest, Repaint, size_multiple
 from featherflux.sampling import (
@@ -159,7 +161,13 @@ class Flux2Pipeline(LoRAMixin):
         known = None if repaint is None else self.known_region(repaint, ref_tokens[:, : h * w], noise, h, w)
         caches = StepCaches(request.cache_threshold)
         with phase(self, "dit"):
-            latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids, known, caches)
+            try:
+                latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids, known, caches)
+            except COMPILE_FAILURES as err:  # raised on the first call of a compiled block, before any step ended
+                warnings.warn(f"the compiled DiT failed to build ({type(err).__name__}); running eagerly", stacklevel=2)
+                uncompile_blocks(self.transformer)
+                caches = StepCaches(request.cache_threshold)
+                latents = self.denoise(request, noise, h, w, embeds, negative, ref_tokens, ref_ids, known, caches)
         with phase(self, "autoencoder"):
             images = self.decode(latents, h, w, request.output_type)
         if repaint is not None and repaint.overlay is not None:
@@ -338,6 +346,7 @@ def load_pipeline(
     revision: str | None = None,
     attention: str = "auto",
     cache: str | None = None,
+    compile: bool | str = False,
 ) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline from a diffusers-layout folder (with model_index.json), a hub repo id already in the
     local Hugging Face cache, or "demo" (the small model shipped with featherflux).
@@ -364,9 +373,13 @@ def load_pipeline(
 
     `attention` is the DiT's attention kernel, chosen here once (`featherflux.model.attention`): "auto" (the
     fastest this device and dtype can run) | "sdpa" | "cudnn" | "flash" | "flash3" | "sage". `cache="first-block"`
-    turns on step caching for every call that does not choose its own (`GenerationRequest`).
+    turns on step caching for every call that does not choose its own (`GenerationRequest`). `compile=True`
+    compiles the DiT's repeated blocks (`featherflux.model.compile`; the first call of each size pays for it),
+    "max" also autotunes and, on CUDA, replays them as CUDA graphs; where the compiler cannot run, a warning and
+    eager mode.
     """
     select_attention(attention, device, dtype or torch.bfloat16)  # fail before any weights are read
+    compile = check_mode(compile)
     if cache is not None and cache not in CACHE_METHODS:
         raise UserError(f"unknown cache method {cache!r}; use one of {', '.join(CACHE_METHODS)} (or None)")
     parts = load_components(
@@ -388,6 +401,8 @@ def load_pipeline(
     )
     compute_dtype = next((p.dtype for p in parts.transformer.parameters() if p.is_floating_point()), dtype)
     parts.transformer.set_attention(select_attention(attention, device, compute_dtype or torch.bfloat16))
+    if compile:  # before placement: weight streaming then wraps the compiled blocks
+        compile_blocks(parts.transformer, compile, device)
     pipe = Flux2Pipeline(
         parts.transformer,
         parts.autoencoder,

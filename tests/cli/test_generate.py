@@ -133,3 +133,18 @@ def test_generate_inpaints_an_init_picture_and_its_png_reproduces_it(model, tmp_
     assert np.abs(np.asarray(again, dtype=np.int16) - pixels(out)).max() <= 1
     assert main(["generate", "a cat", "--model", model, "--mask", str(mask)]) == 2
     assert "pass --init IMAGE too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, value", [([], None), (["--compile"], True), (["--compile=max"], "max")])
+def test_compile_flag_reaches_load_pipeline(flags, value):
+    from featherflux.cli import build_parser
+    from featherflux.cli.options import pipeline_options
+
+    args = build_parser().parse_args(["generate", "a red apple", *flags])
+    assert pipeline_options(args).get("compile") == value
+
+
+def test_compile_flag_refuses_other_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--compile", "fast", "a red apple"])
+    assert "--compile takes no value or 'max', got 'fast'" in capsys.readouterr().err

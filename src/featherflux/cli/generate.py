@@ -18,6 +18,7 @@ import torch
 
 from featherflux.cli.options import (
     add_attention,
+    add_compile,
     add_device,
     add_download,
     add_placement,
@@ -66,6 +67,7 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", help="output PNG (default: featherflux-SEED.png); K > 1 adds -0, -1, ...")
     add_device(p)
     add_attention(p)
+    add_compile(p)
     add_download(p)
     add_text_encoder(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",

@@ -24,7 +24,8 @@ OFFLOAD_MODES = ("model", "blocks", "sequential")
 QUANTIZE_MODES = ("int8", "fp8", "nf4")
 # load_pipeline keyword arguments that a flag of the same name (dashes for underscores) sets when given
 PIPELINE_FLAGS = (
-    "vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token", "download", "revision", "attention"
+    "vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token", "download", "revision", "attention",
+    "compile",
 )
 
 
@@ -55,6 +56,24 @@ def add_attention(p: argparse.ArgumentParser) -> None:
         choices=("auto", *ATTENTION_BACKENDS),
         help="the DiT's attention kernel (default: auto, the fastest this device has; `featherflux info --backends`)",
     )
+
+
+def add_compile(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        type=compile_mode,
+        metavar="max",
+        help="compile the DiT's blocks (the first image of each size pays for it); --compile=max also autotunes and "
+        "uses CUDA graphs",
+    )
+
+
+def compile_mode(value: str) -> str:
+    if value != "max":
+        raise argparse.ArgumentTypeError(f"--compile takes no value or 'max', got {value!r} (write --compile=max)")
+    return value
 
 
 def add_placement(p: argparse.ArgumentParser, *, quantize_modes: tuple[str, ...] = QUANTIZE_MODES) -> None:

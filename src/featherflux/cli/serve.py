@@ -9,6 +9,7 @@ from pathlib import Path
 
 from featherflux.cli.options import (
     add_attention,
+    add_compile,
     add_device,
     add_download,
     add_placement,
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
                    help="serve /metrics without an API key (for a Prometheus scraper); by default it needs one")
     add_device(p)
     add_attention(p)
+    add_compile(p)
     add_download(p)
     add_placement(p)
     add_text_encoder(p)

@@ -7,7 +7,8 @@ Notable features:
   attention output + MLP output in single blocks. No biases anywhere.
 - Modulation (shift, scale, gate) is computed once per forward from the timestep (+ guidance) vector and shared
   by every block of a kind.
-- Per-head QK RMSNorm before RoPE; 4-axis interleaved RoPE (see `rope.py`); SwiGLU with the gate in the first half.
+- Per-head QK RMSNorm then RoPE, per stream, in one function the compiler fuses; 4-axis interleaved RoPE (see
+  `rope.py`); SwiGLU with the gate in the first half.
 - Timestep and guidance are cast to the model dtype before the x1000 scaling, like the reference pipelines.
 - Blocks are plain modules in `double_blocks` / `single_blocks` ModuleLists, called with positional tensors only:
   `DoubleStreamBlock(img, txt, pe, mod_img, mod_txt[, ref_kv]) -> (img, txt)` and
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from featherflux.model.attention import Backend, sdpa
 from featherflux.model.config import DiTConfig
-from featherflux.model.rope import apply_rope, rope, timestep_embedding
+from featherflux.model.rope import norm_rope, rope, timestep_embedding
 
 EPS = 1e-6
 
@@ -82,10 +83,9 @@ class RefKVCache:
     num_ref: int = 0
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, attend=sdpa, ref_kv: RefKV | None = None) -> Tensor:
-    """(B, H, S, D) queries, keys, values -> (B, S, H*D). RoPE is applied to q and k here; `attend` is the
-    backend's kernel (`featherflux.model.attention`)."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def attention(q: Tensor, k: Tensor, v: Tensor, attend=sdpa, ref_kv: RefKV | None = None) -> Tensor:
+    """(B, H, S, D) normalised and rotated queries and keys, values -> (B, S, H*D). `attend` is the backend's kernel
+    (`featherflux.model.attention`)."""
     if ref_kv is not None:
         if ref_kv.k is None:
             ref_kv.k, ref_kv.v = k, v.contiguous()  # contiguous: don't keep the whole fused projection alive
@@ -123,22 +123,23 @@ class SwiGLU(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """The scale of a per-head RMSNorm; applied by `norm_rope`, fused with RoPE."""
+
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.scale.shape, self.scale, EPS)
-
 
 class QKNorm(nn.Module):
+    """Per-head RMSNorm of queries and keys, followed by RoPE (fused in `norm_rope`)."""
+
     def __init__(self, head_dim: int):
         super().__init__()
         self.query_norm = RMSNorm(head_dim)
         self.key_norm = RMSNorm(head_dim)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+    def forward(self, q: Tensor, k: Tensor, pe: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        return norm_rope(q, self.query_norm.scale, pe, EPS, dtype), norm_rope(k, self.key_norm.scale, pe, EPS, dtype)
 
 
 class SelfAttention(nn.Module):
@@ -193,16 +194,17 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = mod_img.chunk(6, dim=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = mod_txt.chunk(6, dim=-1)
 
+        txt_pe, img_pe = pe.split([txt.shape[1], img.shape[1]], dim=2)
         img_q, img_k, img_v = split_heads(self.img_attn.qkv(modulate(img, img_shift1, img_scale1)), self.num_heads)
-        img_q, img_k = self.img_attn.norm(img_q, img_k, img_v)
+        img_q, img_k = self.img_attn.norm(img_q, img_k, img_pe, img_v.dtype)
         txt_q, txt_k, txt_v = split_heads(self.txt_attn.qkv(modulate(txt, txt_shift1, txt_scale1)), self.num_heads)
-        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_v)
+        txt_q, txt_k = self.txt_attn.norm(txt_q, txt_k, txt_pe, txt_v.dtype)
 
         q = torch.cat([txt_q, img_q], dim=2)
         k = torch.cat([txt_k, img_k], dim=2)
         v = torch.cat([txt_v, img_v], dim=2)
         del img_q, img_k, img_v, txt_q, txt_k, txt_v  # free the qkv projections before attention
-        attn = attention(q, k, v, pe, self.attend, ref_kv)
+        attn = attention(q, k, v, self.attend, ref_kv)
         del q, k, v
         txt_attn, img_attn = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
@@ -232,8 +234,8 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = mod.chunk(3, dim=-1)
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split(self.split_sizes, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe, self.attend, ref_kv)
+        q, k = self.norm(q, k, pe, v.dtype)
+        attn = attention(q, k, v, self.attend, ref_kv)
         del q, k, v, qkv
         mlp = swiglu(mlp)  # drops the last view of linear1's output, so it is freed before the concat below
         out = torch.addcmul(x, gate, self.linear2(torch.cat([attn, mlp], dim=-1)))
@@ -275,9 +277,12 @@ class Flux2(nn.Module):
     def set_attention(self, backend: Backend) -> None:
         """Make every block call `backend`'s kernel (chosen once, by `attention.select`, when a pipeline loads)."""
         self.attention_backend = backend.name
-        for block in self.modules():  # modules(), not the block lists: those may hold streaming wrappers
-            if isinstance(block, (DoubleStreamBlock, SingleStreamBlock)):
-                block.attend = backend.attend
+        for block in self.repeated_blocks():
+            block.attend = backend.attend
+
+    def repeated_blocks(self):
+        """Every double- and single-stream block (found by class: the block lists may hold streaming wrappers)."""
+        return (m for m in self.modules() if isinstance(m, (DoubleStreamBlock, SingleStreamBlock)))
 
     def _vec(self, t1000: Tensor, g1000: Tensor | None) -> Tensor:
         """Timestep (+ guidance) already scaled by 1000 -> conditioning vector (B, D)."""
@@ -341,9 +346,7 @@ class Flux2(nn.Module):
         return self.final_layer(x[:, num_txt:], vec)
 
     @torch.no_grad()
-    def extract_ref_kv(
-        self, ref: Tensor, ref_ids: Tensor, guidance: Tensor | None = None
-    ) -> RefKVCache:
+    def extract_ref_kv(self, ref: Tensor, ref_ids: Tensor, guidance: Tensor | None = None) -> RefKVCache:
         """Run reference tokens ref (B, R, in_ch) with ids (B, R, 4) alone, modulated at timestep 0 (clean), and
         return every block's K/V. They attend only to each other, so the result serves every denoising step."""
         t1000 = torch.zeros(ref.shape[0], dtype=ref.dtype, device=ref.device)

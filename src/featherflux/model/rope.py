@@ -4,6 +4,8 @@
   (float32 where the device has no float64) and the rotation is applied in float32, then cast back, so bf16
   models rotate exactly like the reference. Pairs are interleaved: channels (2i, 2i+1) rotate together.
 - `pe` is one tensor, (B, 1, S, head_dim/2, 2) holding (cos, sin), built once per forward and shared by all blocks.
+- QK RMSNorm and RoPE are one function, `norm_rope`: unfused they are about eight elementwise kernels for each of q
+  and k, each with an fp32 copy; written as one function the compiler makes one kernel of it, with the same math.
 - Sinusoidal timestep embedding: [cos, sin] of t * 10000^(-i/half), computed in float32.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -27,8 +30,10 @@ def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
     return torch.stack([angle.cos(), angle.sin()], dim=-1).float().unsqueeze(1)
 
 
-def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate (B, H, S, D) queries or keys by pe (B, 1, S, D/2, 2)."""
+def norm_rope(x: Tensor, scale: Tensor, pe: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    """Per-head RMSNorm of (B, H, S, D) queries or keys with `scale`, rounded to `dtype` (where the reference rounds),
+    then rotated by pe (B, 1, S, D/2, 2) in float32 and cast back to `dtype`."""
+    x = F.rms_norm(x, scale.shape, scale, eps).to(dtype)
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = pe.unbind(-1)
     rotated = [torch.addcmul(x0 * cos, x1, sin, value=-1), torch.addcmul(x1 * cos, x0, sin)]
