@@ -153,3 +153,16 @@ def test_fp8_path_is_chosen_by_the_inputs_device_at_call_time(monkeypatch):
     assert torch.equal(layer(x), plain(x))  # CPU: the dequantising fallback
     monkeypatch.setattr(quant, "fp8_matmul_available", lambda device: True)  # as if it now ran on an sm_89+ GPU
     assert torch.equal(layer(x), fast(x))
+
+
+@torch.no_grad()
+def test_fp8_layer_compiles_without_graph_breaks():
+    from torch._dynamo.utils import counters
+
+    layer = quantize(nn.Sequential(nn.Linear(128, 64, bias=False)), "fp8", predicate=lambda n, m: True)
+    x = torch.randn(4, 128)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer)
+    assert torch.equal(compiled(x), layer(x))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

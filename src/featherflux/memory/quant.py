@@ -15,7 +15,6 @@ hooks, and a quantized model still moves with `.to()`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -172,11 +171,16 @@ def nf4_available() -> bool:
     return True
 
 
-@functools.cache
+_FP8_TENSOR_CORES: dict[torch.device, bool] = {}  # per device: Float8Linear asks on every call
+
+
+@torch.compiler.assume_constant_result  # a compiled block asks once, when it is traced
 def fp8_matmul_available(device: torch.device | str) -> bool:
-    """fp8 tensor cores: CUDA compute capability 8.9 (Ada) or newer. Cached: Float8Linear asks on every call."""
+    """fp8 tensor cores: CUDA compute capability 8.9 (Ada) or newer."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if device not in _FP8_TENSOR_CORES:
+        _FP8_TENSOR_CORES[device] = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return _FP8_TENSOR_CORES[device]
 
 
 def default_predicate(name: str, module: nn.Linear) -> bool:
