@@ -24,8 +24,11 @@ Measured, in order:
   say nothing about how often that happens, so the row gives the time of a skipped step and the mean step time at
   the pass rate measured on the demo (10 of 16 steps run in full at the default threshold; README "Speed").
 
-On a lent machine without diffusers, carry its wheels (see /work/.library/device/README.md): diffusers,
-huggingface_hub, safetensors, regex, importlib_metadata and their own needs.
+On the lent H200 (Python 3.12, torch and diffusers' other needs installed, no diffusers), carry diffusers' wheel:
+`pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1` here (with `/.whl/` in
+.git/info/exclude), then run there, carrying `.whl`:
+`pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
+python3 benchmarks/gpu_speed.py --out $OUT`.
 """
 
 from __future__ import annotations
