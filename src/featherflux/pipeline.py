@@ -357,8 +357,9 @@ def load_pipeline(
 
     Memory (`featherflux.memory`): on CUDA, or when `vram`, `offload` or `quantize` is given, the weights are loaded
     on the host and placed by the planner: `vram`/`ram` budgets ("24GiB"; detected when None), `offload` None
-    (planner's choice) | "model" | "blocks" | "sequential", `quantize` None (planner's choice) | "int8" | "fp8" |
-    "nf4". `embed_cache` is a folder of cached prompt embeddings.
+    (planner's choice) | "model" | "blocks" | "sequential", `quantize` None (planner's choice: the checkpoint's
+    precision whenever the DiT fits on the device) | "none" (never quantize) | "int8" | "fp8" | "nf4".
+    `embed_cache` is a folder of cached prompt embeddings.
 
     `transformer=FILE` takes the DiT from a single file instead of `transformer/`: a ComfyUI-GGUF `.gguf`, a BFL fp8
     `.safetensors` or a plain BFL checkpoint, of the folder's architecture. `mmap=True` leaves the DiT's weights

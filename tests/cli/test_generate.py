@@ -77,8 +77,20 @@ def test_info_backends_lists_each_attention_backend(capsys):
     assert main(["info", "--backends"]) == 0
     out = capsys.readouterr().out
     assert "auto takes: sdpa" in out and "flash3" in out and "flash_attn_interface" in out
+    assert "memory planner: no CUDA device" in out and "bf16 TFLOP/s" in out
     assert main(["info"]) == 2
     assert "pass --backends" in capsys.readouterr().err
+
+
+def test_info_backends_prints_what_the_planner_knows_of_the_gpu(capsys, monkeypatch):
+    from featherflux.cli import info
+    from featherflux.memory.hardware import GiB, gpu_hardware
+
+    h200 = gpu_hardware("NVIDIA H200", (9, 0), 139 * GiB, 256 * GiB)
+    monkeypatch.setattr(info, "detect_hardware", lambda: h200)
+    assert main(["info", "--backends"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("memory planner:"))
+    assert "NVIDIA H200" in line and "692 bf16 TFLOP/s" in line and "1385 fp8 TFLOP/s" in line and "datasheet" in line
 
 
 def test_info_reads_headers_only(model, capsys):

@@ -85,11 +85,12 @@ def test_generate_cli_memory_flags(klein_dir, tmp_path, capsys):
     from featherflux.cli import main
 
     out = tmp_path / "out.png"
-    flags = ["--width", "64", "--height", "64", "--steps", "1", "--seed", "0", "--offload", "blocks"]
+    flags = ["--width", "64", "--height", "64", "--steps", "1", "--seed", "0", "--offload", "blocks", "--quantize", "none"]
     argv = ["generate", "a dog is dancing", "--model", str(klein_dir), *flags, "-o", str(out)]
     argv += ["--embed-cache", str(tmp_path / "c")]
     assert main(argv) == 0
-    assert out.is_file() and "memory plan" in capsys.readouterr().err
+    log = capsys.readouterr().err
+    assert out.is_file() and "memory plan" in log and "weights in bf16" in log
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1
 
 

@@ -8,7 +8,8 @@ from featherflux.cli import main
 from featherflux.errors import UserError
 from featherflux.loading import resolve_family
 from featherflux.memory import sizes
-from featherflux.memory.planner import QUALITY_FACTOR, GiB, Hardware, parse_bytes, plan, plans
+from featherflux.memory.hardware import gpu_hardware
+from featherflux.memory.planner import QUALITY_FACTOR, GiB, Hardware, _sizes, parse_bytes, plan, plans
 from featherflux.model.config import FAMILIES
 
 BUDGETS = (8, 12, 16, 24, 48, 80)
@@ -160,3 +161,85 @@ def test_true_cfg_families_cost_two_dit_passes():
 def test_hardware_speed_knobs_change_the_choice():
     slow_link = Hardware(8 * GiB, 128 * GiB, h2d_gbps=6.0)  # PCIe 3.0 x8: copies no longer hide behind compute
     assert plan("flux.2-dev", hardware=slow_link).quantize == "nf4"
+
+
+# ------------------------------------------------------------------------------- quality first, on known hardware
+
+H200 = gpu_hardware("NVIDIA H200", (9, 0), 139 * GiB, 256 * GiB)
+H100 = gpu_hardware("NVIDIA H100 80GB HBM3", (9, 0), 80 * GiB, 256 * GiB)
+RTX4090 = gpu_hardware("NVIDIA GeForce RTX 4090", (8, 9), 24 * GiB, 64 * GiB)
+RTX4060 = gpu_hardware("NVIDIA GeForce RTX 4060 Ti", (8, 9), 8 * GiB, 32 * GiB)
+
+
+@pytest.mark.parametrize("hw", [H100, H200], ids=["h100-80", "h200-139"])
+@pytest.mark.parametrize("family", ["flux.2-dev", "klein-9b", "klein-4b"])
+def test_big_cards_keep_the_checkpoints_precision(family, hw):
+    p = plan(family, hardware=hw)
+    assert p.fits and p.quantize is None and p.dit == "resident", p.explanation
+
+
+def test_klein_4b_stays_bf16_on_a_24_gib_card():
+    p = plan("klein-4b", hardware=RTX4090)
+    assert p.fits and p.quantize is None and p.dit == "resident", p.explanation
+
+
+@pytest.mark.parametrize("hw", [RTX4090, RTX4060], ids=["24", "8"])
+@pytest.mark.parametrize("family", ["flux.2-dev", "klein-9b", "klein-4b"])
+def test_quantizing_only_when_the_unquantized_dit_does_not_fit_and_saying_why(family, hw):
+    candidates = plans(family, hardware=hw)
+    best = candidates[0]
+    unquantized_resident = [p for p in candidates if p.quantize is None and p.dit == "resident" and p.fits]
+    if unquantized_resident:
+        assert best.quantize is None
+    if best.quantize is not None:
+        assert "Quantized because" in best.explanation
+
+
+def test_fp8_is_planned_at_the_fp8_rate_only_where_it_runs_there():
+    fast = plan("flux.2-dev", hardware=H200, quantize="fp8", offload=None)
+    bf16 = plan("flux.2-dev", hardware=H200, quantize="none", offload=None)
+    a100 = gpu_hardware("NVIDIA A100-SXM4-80GB", (8, 0), 139 * GiB, 256 * GiB)  # as if it had an H200's memory
+    dequantised = plan("flux.2-dev", hardware=a100, quantize="fp8", offload=None)
+    a100_bf16 = plan("flux.2-dev", hardware=a100, quantize="none", offload=None)
+    assert fast.seconds_per_step < 0.7 * bf16.seconds_per_step
+    assert dequantised.seconds_per_step > a100_bf16.seconds_per_step  # a bf16 copy per call costs, never saves
+
+
+def test_the_largest_dequantisation_temporary_is_budgeted():
+    family = FAMILIES["flux.2-dev"]
+    d, m = family.dit.hidden_size, family.dit.mlp_hidden_dim
+    largest = d * (3 * d + 2 * m)  # single-block linear1
+
+    def temporary(quant, hw):
+        return _sizes(family, quant, hw, 1024, 1024, 1).dequant_temp
+
+    assert temporary(None, H100) == 0
+    assert temporary("fp8", H100) == 0  # multiplied in fp8, never dequantised
+    assert temporary("fp8", Hardware(80 * GiB, 256 * GiB)) == 2 * largest  # a bf16 copy per call
+    assert temporary("nf4", H100) == 2 * largest
+    assert temporary("q4_k", H100) == 6 * largest  # GGUF kernels go through fp32
+    hw = Hardware(8 * GiB, 256 * GiB)
+    with_temp = plan(family, hardware=hw, quantize="int8", offload="sequential")
+    s = _sizes(family, "int8", hw, 1024, 1024, 1)
+    dit_phase = 2 * s.dit_largest_leaf + s.act_dit + s.dequant_temp
+    assert with_temp.peak_vram_bytes >= dit_phase + hw.reserve_bytes
+
+
+def test_quantize_none_that_cannot_fit_names_the_budget_and_the_quantized_plans():
+    with pytest.raises(UserError) as e:
+        plans("flux.2-dev", vram=3, ram=256, quantize="none", hardware=RTX4090)
+    message = str(e.value)
+    assert "without quantization" in message and "--vram" in message and "GiB" in message
+    need = float(message.split("needs ")[1].split(" GiB")[0])
+    assert plan("flux.2-dev", vram=need + 0.1, ram=256, quantize="none", hardware=RTX4090).fits
+    assert not plans("flux.2-dev", vram=need - 0.2, ram=256, quantize=None, hardware=RTX4090)[0].fits
+
+
+def test_quantize_none_lists_quantized_plans_that_would_fit():
+    with pytest.raises(UserError, match="these would fit: quantize=fp8 offload=sequential"):
+        plans("flux.2-dev", vram=4, ram=256, quantize="none", hardware=RTX4060)
+
+
+def test_plan_cli_takes_quantize_none(capsys):
+    assert main(["plan", "klein-4b", "--vram", "24", "--ram", "64", "--quantize", "none", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantize"] is None

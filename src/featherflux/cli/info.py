@@ -18,6 +18,7 @@ import torch
 from featherflux.errors import UserError, WeightsError
 from featherflux.loading import build_family, resolve_model_path, variant_of
 from featherflux.loading.dit import dit_config_from_file
+from featherflux.memory.hardware import Hardware, detect_hardware, host_ram_bytes
 from featherflux.model.attention import report as attention_report
 from featherflux.model.attention import select as select_attention
 from featherflux.weights.io import safetensors_header
@@ -35,7 +36,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument(
-        "--backends", action="store_true", help="print this machine's GPU and the attention backends it can run"
+        "--backends",
+        action="store_true",
+        help="print this machine's GPU, the speeds the memory planner assumes of it and the attention backends it can run",
     )
     p.set_defaults(func=run)
 
@@ -122,6 +125,16 @@ def backends() -> list[str]:
     else:
         lines = [f"device: cpu (no CUDA device), torch {torch.__version__}"]
         device = "cpu"
+    hardware = detect_hardware()
+    if hardware is None:
+        assumed = Hardware(vram_bytes=0, ram_bytes=host_ram_bytes())
+        lines.append(
+            f"memory planner: no CUDA device; `featherflux plan --vram N` assumes an {assumed.name} "
+            f"({assumed.tflops:.0f} bf16 TFLOP/s, {assumed.h2d_gbps:.0f} GB/s host-to-device) and "
+            f"{assumed.ram_bytes / 2**30:.0f} GiB of RAM"
+        )
+    else:
+        lines.append(f"memory planner: {hardware.describe()}")
     lines.append(f"attention backends in bf16 (auto takes: {select_attention('auto', device, torch.bfloat16).name}):")
     return lines + ["  " + line for line in attention_report(device, torch.bfloat16)]
 

@@ -10,6 +10,7 @@ import argparse
 
 import torch
 
+from featherflux.memory.planner import QUANTIZE_MODES as PLANNER_QUANTIZE_MODES
 from featherflux.model.attention import BACKENDS as ATTENTION_BACKENDS
 
 DTYPES = {
@@ -21,7 +22,7 @@ DTYPES = {
     "float32": torch.float32,
 }
 OFFLOAD_MODES = ("model", "blocks", "sequential")
-QUANTIZE_MODES = ("int8", "fp8", "nf4")
+QUANTIZE_MODES = tuple(mode for mode in PLANNER_QUANTIZE_MODES if mode)  # "none" forbids quantization
 # load_pipeline keyword arguments that a flag of the same name (dashes for underscores) sets when given
 PIPELINE_FLAGS = (
     "vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token", "download", "revision", "attention",
@@ -81,7 +82,11 @@ def add_placement(p: argparse.ArgumentParser, *, quantize_modes: tuple[str, ...]
     p.add_argument("--vram", help="device memory budget, e.g. 24 or 24GiB (default: the CUDA device's)")
     p.add_argument("--ram", help="host memory budget (default: this machine's)")
     p.add_argument("--offload", choices=OFFLOAD_MODES, help="fix the placement (default: planned)")
-    p.add_argument("--quantize", choices=quantize_modes, help="fix the quantization (default: planned)")
+    p.add_argument(
+        "--quantize",
+        choices=quantize_modes,
+        help="fix the quantization; none keeps the checkpoint's precision (default: planned, quality first)",
+    )
 
 
 def add_text_encoder(p: argparse.ArgumentParser) -> None:

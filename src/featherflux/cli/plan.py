@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from featherflux.cli.options import QUANTIZE_MODES
 from featherflux.errors import UserError
 from featherflux.loading import resolve_family
 from featherflux.loading.hub import download_size, is_repo_id
@@ -21,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--offload", choices=["model", "blocks", "sequential"], default="auto", help="fix the placement")
-    p.add_argument("--quantize", choices=["int8", "fp8", "nf4"], default="auto", help="fix the quantization")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="auto", help="fix the quantization (none: forbid it)")
     p.add_argument("--all", action="store_true", help="also list the other candidate plans")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--revision", help="with a hub repo id: the revision whose download size is told")

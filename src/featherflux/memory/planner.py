@@ -21,51 +21,36 @@ speed with exact output, while int8/fp8 weights (32 GB) still do not fit residen
 already hidden. Quantization wins when the copy is *not* hidden: small budgets (8-12 GiB), slow links
 (PCIe 3.0, x8 slots), small images (fewer tokens per weight byte), or when it turns a streamed plan into a
 resident one. Leaf-level sequential offload copies everything every step in small pieces (poorer overlap,
-modelled at 60% link efficiency) and is the last resort. Quantized layers dequantise to bf16 before the matmul;
-that costs ~4 bytes of device-memory traffic per weight per step, a few percent.
+modelled at 60% link efficiency) and is the last resort. fp8 layers on cards with fp8 tensor cores multiply in
+fp8 at the card's fp8 rate; every other quantized layer writes a bf16 copy of its weight per call (about 4 bytes
+of device-memory traffic per weight per step, a few percent) and the largest such copy is part of the DiT phase's
+peak. Throughputs come from `memory.hardware` (the card's datasheet, or measured).
 
-Ranking: expected seconds per image (steps x step time + per-image encoder/decoder work and transfers), scaled
-by a quality factor (1.0 bf16, 1.3 int8/fp8, 1.6 nf4): a quantized plan is chosen only if it is clearly faster
-(or the only one that fits), so the order of preference is resident > model offload > block streaming > quantized.
+Ranking: quality first. When the unquantized DiT fits on the device (the text encoder may be swapped out between
+phases), the plans that keep the checkpoint's precision come first, however fast a quantized one would be. Only
+when it does not fit are plans ranked by expected seconds per image (steps x step time + per-image encoder/decoder
+work and transfers) scaled by a quality factor (1.0 bf16, 1.3 int8/fp8, 1.6 nf4), so a quantized plan is chosen
+only if it is clearly faster than streaming (or the only one that fits), and its explanation says what the
+unquantized plan would have cost.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 
-import torch
-
 from featherflux.errors import UserError
 from featherflux.memory import sizes
+from featherflux.memory.hardware import GiB, Hardware, detect_hardware, host_ram_bytes
 from featherflux.model.config import FAMILIES, FamilyConfig
 
-GiB = 1024**3
 OFFLOAD_MODES = (None, "model", "blocks", "sequential")
-QUANTIZE_MODES = (None, "int8", "fp8", "nf4")
+QUANTIZE_MODES = (None, "none", "int8", "fp8", "nf4")  # None and "none" both forbid quantization; "auto" plans it
 QUALITY_FACTOR = {None: 1.0, "int8": 1.3, "fp8": 1.3, "nf4": 1.6}
 HOST_OVERHEAD = 3 * GiB  # Python, torch, tokenizers, page tables
 SEQUENTIAL_LINK_EFFICIENCY = 0.6
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What the planner assumes about the machine. Throughputs are effective, not peak, figures."""
-
-    vram_bytes: int
-    ram_bytes: int
-    tflops: float = 150.0  # dense bf16 matmul throughput actually reached (RTX 4090-class)
-    h2d_gbps: float = 22.0  # pinned host-to-device copy (PCIe 4.0 x16)
-    hbm_gbps: float = 1000.0  # device memory bandwidth, for dequantisation traffic
-    disk_gbps: float = 2.0  # NVMe read, for memory-mapped weights that do not fit in RAM
-    fp8_matmul: bool = False  # fp8 tensor cores (sm_89+): fp8 is preferred over int8 at equal bytes
-
-    @property
-    def reserve_bytes(self) -> int:
-        """CUDA context, cuBLAS workspaces and allocator fragmentation: never available to tensors."""
-        return int(0.75 * GiB + 0.04 * self.vram_bytes)
 
 
 @dataclass(frozen=True)
@@ -115,24 +100,6 @@ def parse_bytes(value: str | float | None, what: str = "memory") -> int | None:
     return int(float(m.group(1)) * unit[m.group(2)])
 
 
-def detect_hardware() -> Hardware | None:
-    """The current CUDA device's memory and host RAM, or None without CUDA.
-
-    VRAM is what is free now plus what the CUDA context already holds (the reserve accounts for the context), so
-    memory used by other processes is not planned for; on an idle card it is the card's size."""
-    if not torch.cuda.is_available():
-        return None
-    device = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(device)
-    free, _ = torch.cuda.mem_get_info(device)
-    vram = min(props.total_memory, free + torch.cuda.memory_reserved(device) + int(0.5 * GiB))
-    return Hardware(vram_bytes=vram, ram_bytes=host_ram_bytes(), fp8_matmul=(props.major, props.minor) >= (8, 9))
-
-
-def host_ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 # ---------------------------------------------------------------------------------------------------- planning
 
 
@@ -169,6 +136,7 @@ class _Sizes:
     act_te: int
     act_ae: int
     dit_compute_s: float
+    dequant_temp: int  # the largest per-call dequantised weight (and its fp32 intermediate) of a quantized layer
     te_compute_s: float
     ae_compute_s: float
 
@@ -181,11 +149,16 @@ def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, w
     te = sizes.text_encoder_weights(family.text_encoder)
     te_layer = sizes.text_encoder_layer_weights(family.text_encoder)
     flops = hw.tflops * 1e12
-    dequant = (dw.total.linear * 4 / (hw.hbm_gbps * 1e9)) if quant else 0.0
     dit_flops = sizes.dit_step_flops(family.dit, img_tokens, txt, dit_batch)
-    if quant == "fp8" and hw.fp8_matmul:
-        dit_flops /= 2  # fp8 tensor cores run twice the bf16 rate
     d, m = family.dit.hidden_size, family.dit.mlp_hidden_dim
+    if quant == "fp8" and hw.fp8_matmul:  # Float8Linear multiplies on the fp8 tensor cores; attention stays bf16
+        attention = sizes.dit_attention_flops(family.dit, img_tokens, txt, dit_batch)
+        dit_compute_s = (dit_flops - attention) / (hw.fp8_tflops * 1e12) + attention / flops
+        dequant_temp = 0
+    else:  # every other quantized layer writes a bf16 copy of its weight per call, then multiplies in bf16
+        dit_compute_s = dit_flops / flops + (dw.total.linear * 4 / (hw.hbm_gbps * 1e9) if quant else 0.0)
+        # the largest Linear (single block linear1); GGUF's torch kernels go through fp32 before the bf16 copy
+        dequant_temp = d * (3 * d + 2 * m) * (0 if not quant else 2 if quant in QUANTIZE_MODES else 6)
     te_quant = quant if quant in QUANTIZE_MODES else None  # a GGUF file quantizes only the DiT
     return _Sizes(
         dit=dw.total.nbytes(quant),
@@ -199,7 +172,8 @@ def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, w
         act_dit=sizes.dit_activation_bytes(family.dit, img_tokens, txt, dit_batch),
         act_te=sizes.text_encoder_activation_bytes(family.text_encoder, txt, batch),
         act_ae=sizes.autoencoder_activation_bytes(family.autoencoder, height, width, batch),
-        dit_compute_s=dit_flops / flops + dequant,
+        dit_compute_s=dit_compute_s,
+        dequant_temp=dequant_temp,
         te_compute_s=sizes.text_encoder_flops(family.text_encoder, txt, batch) / flops,
         ae_compute_s=sizes.autoencoder_decode_flops(family.autoencoder, height, width) * batch / flops,
     )
@@ -218,7 +192,7 @@ def _evaluate(
         "stream": 2 * max(s.dit_blocks),
         "sequential": 2 * s.dit_largest_leaf,
     }[dit]
-    dit_phase += s.act_dit
+    dit_phase += s.act_dit + s.dequant_temp
     ae_phase = {"resident": 0, "offload": s.ae}[ae] + s.act_ae
     peak = persistent + max(te_phase, dit_phase, ae_phase) + hw.reserve_bytes
 
@@ -344,8 +318,10 @@ def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int
         f"Peak {p.peak_vram_gib:.1f} GiB of {hw.vram_bytes / GiB:.0f} GiB VRAM (incl. "
         f"{hw.reserve_bytes / GiB:.1f} GiB reserve): {verdict}."
     )
-    if p.quantize:
-        lines.append(f"{q} weights dequantise to bf16 per layer; chosen because it is clearly faster or the only fit.")
+    if p.quantize == "fp8" and hw.fp8_matmul:
+        lines.append("fp8 weights multiply on the fp8 tensor cores (activations quantized per token).")
+    elif p.quantize:
+        lines.append(f"{q} weights dequantise to bf16 per layer, one layer at a time.")
     return " ".join(lines)
 
 
@@ -387,10 +363,12 @@ def plans(
         quants = [file_quant]
     elif quantize == "auto":
         quants = [None, "fp8" if hw.fp8_matmul else "int8", "nf4"]
+    elif quantize in (None, "none"):
+        quants = [None]
     elif quantize in QUANTIZE_MODES or quantize in sizes.QUANT_BYTES:  # the latter: a GGUF file's format
         quants = [quantize]
     else:
-        raise UserError(f"unknown quantization {quantize!r}; use one of int8, fp8, nf4 (or leave it unset)")
+        raise UserError(f"unknown quantization {quantize!r}; use one of none, int8, fp8, nf4 (or leave it unset)")
     offloads = OFFLOAD_MODES if offload == "auto" else (offload,)
     out = []
     for quant in quants:
@@ -401,7 +379,52 @@ def plans(
     fitting = sorted(
         (p for p in out if p.fits), key=lambda p: p.seconds_per_image * QUALITY_FACTOR.get(p.quantize, 1.6)
     )
+    unquantized = [p for p in fitting if p.quantize is None]
+    if quantize == "auto" and any(p.dit == "resident" for p in unquantized):
+        # Quality first: quantizing trades quality, so it is never chosen only to go faster.
+        fitting = unquantized + [p for p in fitting if p.quantize is not None]
+    elif quantize == "auto" and fitting and fitting[0].quantize is not None:
+        fitting[0] = replace(fitting[0], explanation=fitting[0].explanation + " " + _why_quantized(out, hw))
+    if quantize == "none" and not fitting:
+        raise UserError(_unquantized_does_not_fit(family, out, hw, height, width, batch, offload))
     return fitting + sorted((p for p in out if not p.fits), key=lambda p: p.peak_vram_bytes)
+
+
+def _smallest_budget(p: Plan, hw: Hardware) -> int:
+    """The least VRAM with which this plan fits: its peak grows with the budget only through the reserve."""
+    return int((p.peak_vram_bytes - hw.reserve_bytes + 0.75 * GiB) / 0.96) + 1
+
+
+def _why_quantized(candidates: list[Plan], hw: Hardware) -> str:
+    unquantized = [p for p in candidates if p.quantize is None]
+    fitting = [p for p in unquantized if p.fits]
+    if fitting:
+        best = min(fitting, key=lambda p: p.seconds_per_image)
+        return (
+            f"Quantized because the unquantized DiT does not fit on the device with its activations; the best "
+            f"unquantized plan (offload={best.offload}, DiT {best.dit}) would take {best.seconds_per_step:.2f} s/step, "
+            f"{best.seconds_per_image:.0f} s/image. Pass quantize='none' (--quantize none) to run it."
+        )
+    least = min(_smallest_budget(p, hw) for p in unquantized)
+    return f"Quantized because no unquantized plan fits: the smallest needs {least / GiB:.1f} GiB of VRAM."
+
+
+def _unquantized_does_not_fit(family, unquantized: list[Plan], hw: Hardware, height, width, batch, offload) -> str:
+    least = min(unquantized, key=lambda p: _smallest_budget(p, hw))
+    need = _smallest_budget(least, hw) / GiB
+    quantized = [
+        p for p in plans(family, hardware=hw, height=height, width=width, batch=batch, offload=offload) if p.quantize
+    ]
+    alternatives = "; ".join(
+        f"quantize={p.quantize} offload={p.offload} (peak {p.peak_vram_gib:.1f} GiB, {p.seconds_per_step:.2f} s/step)"
+        for p in quantized
+        if p.fits
+    )
+    return (
+        f"{family.name} does not fit in {hw.vram_bytes / GiB:.1f} GiB of VRAM without quantization: the smallest "
+        f"unquantized plan (offload={least.offload}) needs {need:.1f} GiB. Give it more memory (--vram {math.ceil(need)})"
+        + (f", or allow quantization; these would fit: {alternatives}." if alternatives else "; nothing quantized fits either.")
+    )
 
 
 def plan(family: FamilyConfig | str, vram=None, ram=None, **kwargs) -> Plan:

@@ -115,9 +115,14 @@ def dit_step_flops(c: DiTConfig, img_tokens: int, txt_tokens: int, batch: int = 
     n = img_tokens + txt_tokens
     half = w.double_block.linear // 2  # img and txt streams have equal weights
     linear = half * (img_tokens + txt_tokens) * c.depth + w.single_block.linear * n * c.depth_single_blocks
-    attention = 4 * n * n * c.hidden_size * (c.depth + c.depth_single_blocks)
     embed = w.globals.linear * 1 + c.context_in_dim * c.hidden_size * txt_tokens  # txt_in dominates the globals
-    return 2.0 * batch * (linear + embed) + batch * attention
+    return 2.0 * batch * (linear + embed) + dit_attention_flops(c, img_tokens, txt_tokens, batch)
+
+
+def dit_attention_flops(c: DiTConfig, img_tokens: int, txt_tokens: int, batch: int = 1) -> float:
+    """The part of `dit_step_flops` in the attention matmuls (QK^T and PV), which stay bf16 under fp8 weights."""
+    n = img_tokens + txt_tokens
+    return batch * 4.0 * n * n * c.hidden_size * (c.depth + c.depth_single_blocks)
 
 
 def dit_activation_bytes(c: DiTConfig, img_tokens: int, txt_tokens: int, batch: int = 1, elem: int = 2) -> int:
