@@ -22,7 +22,9 @@ def reference(klein_dir):
 def test_load_pipeline_placements_give_the_resident_image(klein_dir, reference, offload):
     pipe = load_pipeline(klein_dir, offload=offload)
     assert pipe.placement.plan.offload == offload
-    assert torch.equal(pipe(**CALL).images, reference)
+    # Streamed weights are packed on aligned offsets, while the resident ones sit where the file put them; the CPU
+    # BLAS sums in an order that depends on a pointer's alignment, so the last bit of a batch-1 matmul may differ.
+    torch.testing.assert_close(pipe(**CALL).images, reference, rtol=0, atol=1e-5)
 
 
 def test_streamed_text_encoder_and_dit_inside_the_pipeline(klein_dir, reference):

@@ -8,8 +8,11 @@ from torch import nn
 from featherflux.memory.offload import apply_placement, fallback
 from featherflux.memory.planner import GiB, Hardware, Plan, pick_resident_blocks, plan
 from featherflux.memory.streaming import (
+    ALIGN,
     DeviceLedger,
+    Layout,
     StreamedModule,
+    aligned,
     block_entries,
     module_bytes,
     stream_modules,
@@ -90,6 +93,56 @@ def test_streaming_peak_stays_within_budget_on_a_tiny_model(small_dit):
 
 
 @torch.no_grad()
+def test_a_phase_leaves_no_streamed_block_on_the_device(small_dit):
+    blocks = [*small_dit.double_blocks, *small_dit.single_blocks]
+    globals_ = module_bytes(small_dit) - sum(module_bytes(b) for b in blocks)
+    ledger = DeviceLedger()
+    placement = apply_placement(fake_pipe(small_dit), small_plan(dit_resident_blocks=(1,)), "cpu", ledger)
+    resident = globals_ + module_bytes(blocks[1])
+    assert ledger.current == resident
+    for _ in range(2):
+        with placement.phase("dit"):
+            small_dit(*dit_inputs(SMALL_DIT))
+            assert ledger.current > resident  # the prefetch of the next step's first block
+        assert ledger.current == resident
+        assert not placement.streamers["dit"]._loaded
+
+
+def test_streamed_blocks_are_packed_once_into_exact_host_buffers(small_dit):
+    blocks = [*small_dit.double_blocks, *small_dit.single_blocks]
+    streamer = stream_modules(block_entries([small_dit.double_blocks, small_dit.single_blocks]), "cpu", resident=(1,))
+    streamed = [b for i, b in enumerate(blocks) if i != 1]
+    exact = [sum(aligned(t.numel() * t.element_size()) for t in [*b.parameters(), *b.buffers()]) for b in streamed]
+    assert streamer.host_bytes == sum(exact)
+    assert sum(exact) - sum(module_bytes(b) for b in streamed) < ALIGN * sum(len(list(b.parameters())) for b in streamed)
+    for host, block in zip(streamer.host, streamed, strict=True):
+        start = host.packed.data_ptr()
+        assert all(start <= p.data_ptr() < start + host.packed.numel() for p in block.parameters())
+        assert all((p.data_ptr() - start) % ALIGN == 0 for p in block.parameters())
+
+
+def test_a_lora_added_inside_a_streamed_block_is_packed_with_it(small_dit):
+    from featherflux.lora.load import load_lora
+
+    inputs = dit_inputs(SMALL_DIT)
+    name = "double_blocks.0.img_attn.qkv"
+    linear = small_dit.get_submodule(name)
+    g = torch.Generator().manual_seed(0)
+    lora = {
+        f"diffusion_model.{name}.lora_A.weight": torch.randn(4, linear.in_features, generator=g),
+        f"diffusion_model.{name}.lora_B.weight": torch.randn(linear.out_features, 4, generator=g),
+    }
+    reference = copy.deepcopy(small_dit)
+    load_lora(reference, lora)
+    expected = reference(*inputs)
+    streamer = stream_modules(block_entries([small_dit.double_blocks, small_dit.single_blocks]), "cpu")
+    before = streamer.host_bytes
+    load_lora(small_dit, lora)
+    assert torch.equal(small_dit(*inputs), expected)
+    assert streamer.host_bytes > before  # the adapter's weights joined the block's buffer
+
+
+@torch.no_grad()
 def test_out_of_order_calls_still_work(small_dit):
     entries = block_entries([small_dit.single_blocks])
     x = torch.randn(1, 8, 128).to(torch.bfloat16)
@@ -149,6 +202,9 @@ def test_real_size_byte_accounting_on_meta(family, vram, ram):
         pipe.transformer(x, ids[0], torch.empty(1, device="meta"), ctx, ids[1])
     with placement.phase("autoencoder"):
         pass
+    # pinned host memory is what the planner counted: every streamed block's and layer's exact packed size
+    packed = sum(Layout.of(dict(m.block.named_parameters())).nbytes for st in placement.streamers.values() for m in st.modules)
+    assert abs(packed - p.pinned_bytes) < 0.01 * p.pinned_bytes
     # the weights actually placed never exceed what the planner budgeted for weights
     assert ledger.peak <= p.peak_vram_bytes - hw.reserve_bytes
     assert p.peak_vram_bytes <= vram * GiB
@@ -194,16 +250,18 @@ def test_cuda_streaming_matches_resident_within_its_budget(small_dit):
     inputs = [t.to(device) for t in dit_inputs(SMALL_DIT)]
     reference = copy.deepcopy(small_dit).to(device)(*inputs)
     ledger = DeviceLedger()
-    apply_placement(fake_pipe(small_dit), small_plan(dit_resident_blocks=(1,)), device, ledger)
+    placement = apply_placement(fake_pipe(small_dit), small_plan(dit_resident_blocks=(1,)), device, ledger)
     assert all(p.is_pinned() for m in small_dit.modules() if isinstance(m, StreamedModule) for p in m.parameters())
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    for _ in range(3):
-        assert torch.equal(small_dit(*inputs), reference)
+    with placement.phase("dit"):
+        for _ in range(3):
+            assert torch.equal(small_dit(*inputs), reference)
     torch.cuda.synchronize()
     blocks = [module_bytes(b) for b in [*small_dit.double_blocks, *small_dit.single_blocks]]
     assert torch.cuda.max_memory_allocated() - before < 2 * max(blocks) + 64 * 2**20  # two blocks + activations
+    assert torch.cuda.memory_allocated() == before  # the phase closed its streamer: no block stays
 
 
 def test_lora_on_a_sequentially_streamed_linear_lives_on_the_compute_device(small_dit):

@@ -10,9 +10,11 @@ Notable features:
   decoder layers; one that is offloaded also goes back to the host once prompts are encoded.
 - `fallback(pipe, placement)` undoes a placement and applies the next plan with a smaller peak, for the pipeline's
   out-of-memory handler.
+- Each phase closes its component's streamer when it ends, so no streamed block or layer stays on the device into
+  the next phase.
 - Under a plan with `mmap` (weights memory-mapped by `featherflux.weights.io.mmap_safetensors`), streamed DiT
-  blocks are not pinned and an offloaded component gets its mapped host tensors back after its phase (no copy
-  into RAM).
+  blocks are not packed (they are copied through pinned staging buffers) and an offloaded component gets its
+  mapped host tensors back after its phase (no copy into RAM).
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class Placement:
         try:
             yield
         finally:
+            if name in self.streamers:  # the prefetched block (and the device buffers) must not outlive the phase
+                self.streamers[name].close()
             if kept is not None:  # frozen weights: put the mapped host tensors back instead of copying into RAM
                 _restore(kept)
             elif module is not None:
@@ -81,8 +85,8 @@ class Placement:
         upsampling), as the plan places the text encoder: `layers` streamed one ahead of use, or all of it moved in;
         back on the host after the block, for the caller to free."""
         entries = block_entries([layers]) if self.plan.text_encoder == "stream" else []
-        # used once, so its layers are not pinned: pinning would cost more than it saves
-        streamer = stream_modules(entries, self.device, (), self.ledger, pin=False) if entries else None
+        # used once, so its layers are not packed: packing would cost more than it saves
+        streamer = stream_modules(entries, self.device, (), self.ledger, pack=False) if entries else None
         module.to(self.device)  # streamed layers stay on the host; everything else comes in
         nbytes = _resident_bytes(module, streamer)
         self.ledger.add(nbytes)
@@ -168,8 +172,8 @@ def apply_placement(
                 entries, resident = leaf_entries(module, LINEAR_KINDS), ()
             else:
                 entries, resident = block_entries([module.layers]), ()
-            pin = False if plan.mmap and name == "dit" else None  # pinning would copy mapped weights into RAM
-            placement.streamers[name] = stream_modules(entries, device, resident, placement.ledger, pin=pin)
+            pack = not (plan.mmap and name == "dit")  # packing would read all mapped weights into RAM
+            placement.streamers[name] = stream_modules(entries, device, resident, placement.ledger, pack=pack)
             placement.entries[name] = entries
         if mode == "offload" or (name == "text_encoder" and mode == "stream"):
             module.to(host)

@@ -71,6 +71,7 @@ class Plan:
     copy_seconds_per_step: float  # host-to-device copies of a streamed DiT step (overlapping compute)
     seconds_per_image: float
     fits: bool
+    pinned_bytes: int = 0  # page-locked host memory: packed streamed blocks and layers, or the staging buffers
     explanation: str = ""
 
     @property
@@ -83,6 +84,7 @@ class Plan:
         d["peak_vram_gib"] = round(self.peak_vram_gib, 2)
         d["vram_budget_gib"] = round(self.vram_budget_bytes / GiB, 2)
         d["host_gib"] = round(self.host_bytes / GiB, 2)
+        d["pinned_gib"] = round(self.pinned_bytes / GiB, 2)
         return json.dumps(d, indent=2)
 
 
@@ -202,6 +204,11 @@ def _evaluate(
     step_host = HOST_OVERHEAD + dit_host + (s.ae if ae != "resident" else 0)  # touched every step
     host = step_host + (s.te if te != "resident" else 0)  # the text encoder is touched once per prompt
     mmap = host > hw.ram_bytes
+    if mmap:  # mapped blocks are not packed: two staging buffers of the largest streamed unit are pinned instead
+        dit_pinned = 2 * {"stream": max(s.dit_blocks), "sequential": s.dit_largest_leaf}.get(dit, 0)
+    else:
+        dit_pinned = {"stream": dit_host, "sequential": s.dit}.get(dit, 0)
+    pinned = dit_pinned + (s.te - s.te_other if te == "stream" else 0)
     link = hw.h2d_gbps * 1e9
     streamed = {"stream": dit_host, "sequential": s.dit}.get(dit, 0)
     copy_s = streamed / link / (SEQUENTIAL_LINK_EFFICIENCY if dit == "sequential" else 1.0)
@@ -236,6 +243,7 @@ def _evaluate(
         copy_seconds_per_step=copy_s,
         seconds_per_image=steps * step + per_image,
         fits=peak <= hw.vram_bytes,
+        pinned_bytes=pinned,
     )
 
 
@@ -290,7 +298,8 @@ def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int
         lines.append(
             f"The DiT does not fit next to its activations, so {k} of {p.dit_blocks} blocks stay on the device and the "
             f"other {p.dit_blocks - k} are copied in from pinned host memory one block ahead of use; the text encoder "
-            "is streamed layer by layer when a prompt is encoded."
+            f"is streamed layer by layer when a prompt is encoded ({p.pinned_bytes / GiB:.1f} GiB of host memory "
+            "pinned)."
         )
     if p.dit == "sequential":
         lines.append(
@@ -383,7 +392,7 @@ def plans(
     if quantize == "auto" and any(p.dit == "resident" for p in unquantized):
         # Quality first: quantizing trades quality, so it is never chosen only to go faster.
         fitting = unquantized + [p for p in fitting if p.quantize is not None]
-    elif quantize == "auto" and fitting and fitting[0].quantize is not None:
+    elif quantize == "auto" and not file_quant and fitting and fitting[0].quantize is not None:
         fitting[0] = replace(fitting[0], explanation=fitting[0].explanation + " " + _why_quantized(out, hw))
     if quantize == "none" and not fitting:
         raise UserError(_unquantized_does_not_fit(family, out, hw, height, width, batch, offload))
