@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from featherflux.memory.quant import Float8Linear, Int8Linear, NF4Linear, nf4_available, quantize
@@ -139,6 +140,23 @@ def test_nf4_builds_its_quant_state_once_per_placement_and_dtype():
     layer.absmax = layer.absmax.clone()  # what a move to another device does to the buffer
     layer(x)
     assert layer._state.absmax is layer.absmax
+
+
+@pytest.mark.skipif(not nf4_available(), reason="bitsandbytes is not installed")
+@torch.no_grad()
+def test_nf4_one_row_goes_through_the_4bit_gemv_and_equals_the_dequantised_matmul(monkeypatch):
+    import bitsandbytes
+
+    layer = NF4Linear.from_linear(nn.Linear(256, 512, bias=True).to(torch.bfloat16))
+    row = torch.randn(1, 1, 256).to(torch.bfloat16)
+    gemv_calls = []
+    real = bitsandbytes.matmul_4bit
+    monkeypatch.setattr(bitsandbytes, "matmul_4bit", lambda *a, **k: gemv_calls.append(1) or real(*a, **k))
+    out = layer(row)
+    assert gemv_calls and out.shape == (1, 1, 512)
+    torch.testing.assert_close(out, F.linear(row, layer.dequantize(row.dtype), layer.bias))
+    layer(torch.randn(3, 256).to(torch.bfloat16))
+    assert len(gemv_calls) == 1  # several rows: dequantise once, one matmul
 
 
 @torch.no_grad()

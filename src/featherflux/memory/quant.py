@@ -7,7 +7,8 @@ Notable features:
   checkpoints load straight into it). On devices with fp8 tensor cores (sm_89+) it can run `torch._scaled_mm`
   with per-row activation scales instead of dequantising; by default each call decides from its input's device.
 - `NF4Linear`: bitsandbytes NF4 codes (works on CPU in bitsandbytes >= 0.45); the absmax and code tables are
-  buffers, so `.to(device)` and block streaming move them like any weight.
+  buffers, so `.to(device)` and block streaming move them like any weight. Its QuantState is kept between calls,
+  and a one-row input (batch-1 modulation) goes through bitsandbytes' 4-bit GEMV.
 - GGUF block formats live in `memory.gguf` (`GGUFLinear`) and follow the same pattern.
 State-dict names stay those of the Linear (`weight`, plus `scale`/`absmax`), there are no tensor subclasses or
 hooks, and a quantized model still moves with `.to()`.
@@ -152,6 +153,10 @@ class NF4Linear(nn.Module):
         return _bitsandbytes().functional.dequantize_4bit(self.weight, self.quant_state(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == self.in_features:
+            # One row (the DiT's modulation Linears at batch 1): bitsandbytes' 4-bit GEMV reads the codes directly
+            # instead of writing a dequantised weight first; same result, less memory traffic.
+            return _bitsandbytes().matmul_4bit(x, self.weight.t(), quant_state=self.quant_state(x.dtype), bias=self.bias)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
 
