@@ -1,56 +1,126 @@
-"""Seconds per DiT step and peak device memory for each memory plan, against diffusers' nearest equivalents.
+"""Each memory plan on a real GPU: seconds per DiT step, peak VRAM and pinned host memory against the plan, and how
+much of the host-to-device copying hid behind compute; diffusers' offloading beside it.
 
-    python benchmarks/gpu_memory.py                    # real-size flux.2-dev and klein-4b, random weights, 1024², CUDA
-    python benchmarks/gpu_memory.py --small            # a scaled-down DiT at 128², 32 text tokens: CPU smoke run
+    python benchmarks/gpu_memory.py                  # klein-4b, then flux.2-dev: random bf16 weights, 1024x1024
+    python benchmarks/gpu_memory.py --small          # a tiny DiT on CPU: checks the script end to end
 
-For every (family, VRAM budget) the planner's choice is applied to a random-weight DiT (only the denoising phase is
-timed: it is what a 50-step image pays 50 times) with `torch.cuda.set_per_process_memory_fraction` capping the
-device at the budget, so a plan that does not really fit fails with OOM instead of borrowing memory.
-Compared, in the same process, with a diffusers `Flux2Transformer2DModel` of the same shape:
-- resident (the speed every plan is measured against: "x resident");
-- `enable_model_cpu_offload` (for one phase this is "resident while denoising, moved in per image": the copy per
-  image is printed separately);
-- `enable_group_offload(block_level, num_blocks_per_group=1, use_stream=True)`;
-- bitsandbytes NF4 (`bnb.nn.Linear4bit` swapped in for every block Linear, which is what diffusers'
-  `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")` does at load time).
-Group offload and bitsandbytes need CUDA; on CPU (`--small`) only featherflux's plans and the resident diffusers
-model run, which checks the script end to end but measures nothing about PCIe.
+Meant to run once on a lent GPU, in at most `--budget` seconds (default 230), right after `gpu_speed.py`. Every row
+is printed as it finishes and `gpu_memory.json` / `gpu_memory.md` (in `--out`) are rewritten after each one, so a
+run cut short still leaves its table. Rows that do not fit, would not finish in time, or need a package that is not
+installed (diffusers, bitsandbytes) are written as skipped with the reason; nothing makes the script fail.
+
+Per family (klein-4b first: it is quick), for each VRAM budget and each of bf16 (`quantize="none"`), fp8, int8 and
+nf4 (dev: bf16 and fp8 only; quantizing 32B weights three times would not fit the time), the planner's choice is
+applied to a random-weight DiT and only the denoising phase is timed, with `torch.cuda.set_per_process_memory_fraction`
+capping the device at the budget so that a plan that does not really fit fails with OOM instead of borrowing
+memory. Columns:
+- s/step, and x resident: against the same weights fully resident on the uncapped device;
+- peak VRAM measured (`max_memory_allocated`) against the plan's prediction for the DiT phase
+  (`Plan.dit_peak_bytes`; the reserve for the CUDA context is not in either);
+- pinned host bytes the streamers hold (exact packed blocks, or the staging buffers) against `Plan.pinned_bytes`,
+  and torch's own pinned allocator peak, which should stay near 0;
+- overlap: the share of the copy time hidden behind compute, (resident + copy - streamed) / copy, where copy is the
+  streamed bytes at the measured host-to-device rate;
+- left: device bytes still allocated after the phase closed (should be 0: nothing streamed outlives its phase).
+diffusers rows (same shape, its own random weights): resident, and `enable_group_offload(block_level,
+use_stream=True)` at 24 GiB, the comparison for streamed plans.
+
+Weights are filled on the host directly in bf16 (a meta model cast to bf16, then one random chunk tiled), never in
+fp32 first. They are not written to a file to be memory-mapped: flux.2-dev's 60 GiB would not fit next to the
+system on the lent machine's 64 GiB disk. Quantized rows quantize the host model block by block on the GPU.
+
+Run it on a lent GPU as `gpu_speed.py`'s docstring says, with `benchmarks/gpu_memory.py --out $OUT` in place of it
+(or both, one after the other, in one call).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
-import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from gpu_speed import Report, device_name, seconds_per_call, step_inputs, sync, why
 from torch import nn
 
 from featherflux.memory.offload import apply_placement
-from featherflux.memory.planner import GiB, plans
+from featherflux.memory.planner import GiB, Plan, plans
+from featherflux.memory.quant import quantize
+from featherflux.memory.sizes import dit_weights
 from featherflux.model.config import FAMILIES, DiTConfig
 from featherflux.model.dit import Flux2
 
-SMALL = DiTConfig(
+SMALL = DiTConfig(  # klein-4b's input widths (the family checks them), a tiny trunk
     in_channels=128,
     context_in_dim=7680,
     hidden_size=128,
     num_heads=1,
     depth=2,
-    depth_single_blocks=6,
+    depth_single_blocks=4,
     axes_dim=(32, 32, 32, 32),
     guidance_embed=False,
 )
+CASES = {  # family -> (VRAM budgets in GiB, quantizations); "device" is the whole card
+    "klein-4b": (("device", 24, 8), (None, "fp8", "int8", "nf4")),
+    "flux.2-dev": (("device", 24), (None, "fp8")),
+}
 
 
-def fill_random(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
-    """Materialise a meta model on the host with N(0, 0.02) values (one random chunk tiled: fast for 32B params)."""
-    model = model.to_empty(device="cpu").to(dtype)
-    chunk = (torch.randn(1 << 24) * 0.02).to(dtype)
+@dataclass
+class Row:
+    family: str
+    name: str
+    seconds: float | None = None
+    x_resident: float | None = None
+    peak_gib: float | None = None
+    planned_peak_gib: float | None = None
+    pinned_gib: float | None = None
+    planned_pinned_gib: float | None = None
+    torch_pinned_gib: float | None = None
+    overlap: float | None = None
+    left_gib: float | None = None
+    note: str = ""
+
+
+class MemoryReport(Report):
+    STEM = "gpu_memory"
+
+    def markdown(self) -> str:
+        h = self.header
+        lines = [
+            f"{h['device']}, torch {h['torch']}; {h.get('shape', '')}; host-to-device {h.get('h2d_gbps', 0):.1f} GB/s",
+            "",
+            (
+                "| model | plan | s/step | x resident | peak GiB (plan) | pinned GiB (plan) | torch pinned GiB "
+                "| overlap | left GiB | note |"
+            ),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        return "\n".join(lines + [self.markdown_line(r) for r in self.rows]) + "\n"
+
+    @staticmethod
+    def markdown_line(r: Row) -> str:
+        def fmt(value, spec):
+            return "" if value is None else format(value, spec)
+
+        return (
+            f"| {r.family} | {r.name} | {fmt(r.seconds, '.3f')} | {fmt(r.x_resident, '.2f')} | "
+            f"{fmt(r.peak_gib, '.2f')} ({fmt(r.planned_peak_gib, '.2f')}) | "
+            f"{fmt(r.pinned_gib, '.2f')} ({fmt(r.planned_pinned_gib, '.2f')}) | {fmt(r.torch_pinned_gib, '.2f')} | "
+            f"{fmt(r.overlap, '.0%')} | {fmt(r.left_gib, '.3f')} | {r.note} |"
+        )
+
+
+def random_bf16(meta_model: nn.Module) -> nn.Module:
+    """A meta model on the host in bf16 with N(0, 0.02)-like values: cast on meta, allocated once in bf16, filled by
+    tiling one random chunk (drawing 32B normal values would take minutes)."""
+    model = meta_model.to(torch.bfloat16).to_empty(device="cpu").eval().requires_grad_(False)
+    chunk = (torch.randn(1 << 22, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
+        for t in [*model.parameters(), *model.buffers()]:
             flat = t.view(-1)
             for start in range(0, flat.numel(), chunk.numel()):
                 n = min(chunk.numel(), flat.numel() - start)
@@ -58,144 +128,148 @@ def fill_random(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
     return model
 
 
-def inputs(config: DiTConfig, side: int, device, dtype=torch.bfloat16):
-    n, txt = (side // 16) ** 2, (512 if side >= 512 else 32)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, n, config.in_channels, generator=g).to(device, dtype)
-    ctx = torch.randn(1, txt, config.context_in_dim, generator=g).to(device, dtype)
-    x_ids = torch.zeros(1, n, 4, device=device)
-    x_ids[0, :, 1] = torch.arange(n, device=device) // (side // 16)
-    x_ids[0, :, 2] = torch.arange(n, device=device) % (side // 16)
-    ctx_ids = torch.zeros(1, txt, 4, device=device)
-    ctx_ids[0, :, 3] = torch.arange(txt, device=device)
-    t = torch.full((1,), 0.5, device=device)
-    guidance = torch.full((1,), 4.0, device=device) if config.guidance_embed else None
-    return x, x_ids, t, ctx, ctx_ids, guidance
+def quantize_on(model: Flux2, mode: str, device: str) -> Flux2:
+    """Quantize the host model in place, one block at a time on `device` (fast), leaving it on the host."""
+    for blocks in (model.double_blocks, model.single_blocks):
+        for block in blocks:
+            quantize(block.to(device), mode).to("cpu")
+    return quantize(model, mode)  # what is outside the blocks, on the host (small)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def torch_pinned_bytes() -> int | None:
+    """Peak bytes of torch's own pinned host allocator (the streamers pin with cudaHostRegister instead)."""
+    if not torch.cuda.is_available():
+        return None
+    stats = torch.cuda.host_memory_stats()
+    return stats.get("allocated_bytes.peak", stats.get("allocated_bytes.all.peak", 0))
 
 
-@torch.inference_mode()
-def time_steps(step, device, steps: int, ledger=None) -> tuple[float, float]:
-    """(seconds per step, peak GiB allocated) over `steps` steps after one warm-up step. Without CUDA the peak is
-    the placement ledger's logical count of weight bytes on the "device"."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / GiB
-    else:
-        peak = ledger.peak / GiB if ledger is not None else float("nan")
-    return (time.perf_counter() - start) / steps, peak
+def h2d_gbps(device: str) -> float:
+    """Pinned host-to-device copy rate, pinned as the streamers pin (cudaHostRegister), so that torch's own pinned
+    allocator stays untouched and its statistics show only what the plans make it pin."""
+    if not device.startswith("cuda"):
+        return 0.0
+    host = torch.empty(1 << 30, dtype=torch.uint8)
+    torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 0)
+    target = torch.empty_like(host, device=device)
+    seconds = seconds_per_call(lambda: target.copy_(host, non_blocking=True), device, warmup=1, steps=3)
+    torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+    return host.numel() / seconds / 1e9
 
 
-def cap(device, budget_bytes: int | None):
-    if device.type == "cuda":
+def cap(device: str, budget: int | None) -> None:
+    if device.startswith("cuda"):
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget_bytes or total) / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget or total) / total), device)
 
 
-def free(device):
+def clean(device: str) -> None:
     gc.collect()
-    if device.type == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_case(label, fn, rows, baseline=None):
-    try:
-        sec, peak = fn()
-        ratio = f"{sec / baseline:.2f}x" if baseline else "-"
-        rows.append((label, f"{sec:.3f}", f"{peak:.4g}", ratio))
-        print(f"  {label:58s} {sec:8.3f} s/step  peak {peak:8.4f} GiB  {ratio} resident", flush=True)
-        return sec
-    except torch.OutOfMemoryError:
-        rows.append((label, "OOM", "-", "-"))
-        print(f"  {label:58s} OOM", flush=True)
-    except Exception as e:  # noqa: BLE001 -- a comparison that cannot run here (no CUDA, missing package) is reported, not fatal
-        rows.append((label, f"skipped: {type(e).__name__}: {str(e)[:60]}", "-", "-"))
-        print(f"  {label:58s} skipped ({type(e).__name__}: {str(e)[:80]})", flush=True)
-    return None
-
-
-def planned(family, budgets, side):
-    """[(VRAM GiB, the planner's choice)] for each budget."""
-    return [(vram, plans(family, vram, 128, height=side, width=side)[0]) for vram in budgets]
-
-
-def forced(family, side):
-    """--small: the model fits anywhere, so force each placement (half the blocks resident when streaming)."""
-    base = plans(family, 1000, 128, height=side, width=side, offload=None, quantize=None)[0]
-    n = base.dit_blocks
-    return [
-        (1000, base),
-        (1000, replace(base, offload="blocks", dit="stream", dit_resident_blocks=tuple(range(0, n, 2)))),
-        (1000, replace(base, offload="blocks", dit="stream", dit_resident_blocks=())),
-        (1000, replace(base, offload="sequential", dit="sequential")),
-        (1000, replace(base, quantize="int8")),
-    ]
-
-
-def featherflux_cases(name, config, candidates, side, device, steps, rows):
-    with torch.device("meta"):
-        host = Flux2(config)
-    host = fill_random(host)
-    args = inputs(config, side, device)
-    resident = None
-    # unquantized plans first: quantizing changes the host model in place
-    for vram, p in sorted(candidates, key=lambda c: c[1].quantize is not None):
-        model = host  # quantized plans run last and quantize the host model in place (no second host copy)
-        pipe = SimpleNamespace(transformer=model, autoencoder=nn.Identity(), prompt_encoder=None)
-        cap(device, vram * GiB if device.type == "cuda" else None)
+def plan_rows(family, model: Flux2, quant: str | None, budgets, inputs, report: MemoryReport, args) -> None:
+    device, vram = args.device, device_vram(args.device)
+    resident_seconds = None
+    for budget in budgets:
+        gib = vram if budget == "device" else budget
+        label = f"{'device' if budget == 'device' else f'{budget} GiB'}: {quant or 'bf16'}"
+        if report.left() < 20:
+            report.add(Row(family.name, label, note="skipped: out of time"))
+            continue
         try:
-            placement = apply_placement(pipe, replace(p, text_encoder="offload", autoencoder="offload"), device)
-            label = (
-                f"featherflux {name} {vram} GiB: offload={p.offload} q={p.quantize or 'bf16'} "
-                f"k={len(p.dit_resident_blocks)}/{p.dit_blocks}"
-            )
-            with placement.phase("dit"):
-                case = lambda m=model, ledger=placement.ledger: time_steps(lambda: m(*args), device, steps, ledger)
-                sec = run_case(label, case, rows, resident)
-            if resident is None and p.offload is None and p.quantize is None:
-                resident = sec
-            print(f"    planner expected {p.seconds_per_step:.2f} s/step, peak {p.peak_vram_gib:.1f} GiB", flush=True)
+            p = forced_plan(family, quant) if args.small else plans(family, gib, 256, quantize=quant or "none")[0]
+        except ValueError as e:  # quantize="none" that cannot fit says so
+            report.add(Row(family.name, label, note=f"skipped: {why(e)}"))
+            continue
+        label += f", offload={p.offload} ({p.dit}, {len(p.dit_resident_blocks)}/{p.dit_blocks} blocks resident)"
+        row = run_plan(family, model, p, gib, inputs, args)
+        row.name = label
+        if budget == "device" and row.seconds:
+            resident_seconds = row.seconds
+        if resident_seconds and row.seconds:
+            row.x_resident = row.seconds / resident_seconds
+            copy_seconds = copied_bytes(family, p) / (report.header["h2d_gbps"] * 1e9) if device != "cpu" else 0
+            if copy_seconds:
+                row.overlap = max(0.0, min(1.0, (resident_seconds + copy_seconds - row.seconds) / copy_seconds))
+        report.add(row)
+
+
+def device_vram(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(device).total_memory / GiB
+    return 1000.0
+
+
+def forced_plan(family, quant: str | None) -> Plan:
+    """--small: the tiny model fits anywhere, so stream half its blocks to exercise the streaming path."""
+    base = plans(family, 1000, 256, offload=None, quantize=quant or "none")[0]
+    return replace(base, offload="blocks", dit="stream", dit_resident_blocks=tuple(range(0, base.dit_blocks, 2)))
+
+
+def copied_bytes(family, p: Plan) -> int:
+    """Bytes a streamed plan copies to the device per step."""
+    blocks = dit_weights(family.dit).block_bytes(p.quantize)
+    if p.dit == "stream":
+        return sum(b for i, b in enumerate(blocks) if i not in p.dit_resident_blocks)
+    return sum(blocks) if p.dit == "sequential" else 0
+
+
+def run_plan(family, model: Flux2, p: Plan, budget_gib: float, inputs, args) -> Row:
+    device = args.device
+    row = Row(family.name, "")
+    if not args.small:  # --small forces its placements, so the plan's figures are not for them
+        row.planned_peak_gib, row.planned_pinned_gib = p.dit_peak_bytes / GiB, p.pinned_bytes / GiB
+    if not p.fits:
+        row.note = "skipped: the planner says it does not fit"
+        return row
+    pipe = SimpleNamespace(transformer=model, autoencoder=nn.Identity(), prompt_encoder=None)
+    placement = None
+    clean(device)
+    cap(device, int(budget_gib * GiB))
+    try:
+        placement = apply_placement(pipe, replace(p, text_encoder="offload", autoencoder="offload"), device)
+        row.pinned_gib = sum(s.host_bytes for s in placement.streamers.values()) / GiB
+        before = torch.cuda.memory_allocated(device) if device.startswith("cuda") else placement.ledger.current
+        with torch.inference_mode(), placement.phase("dit"):
+            row.seconds = seconds_per_call(lambda: model(*inputs), device, warmup=1, steps=args.steps)
+        sync(device)
+        if device.startswith("cuda"):
+            row.peak_gib = torch.cuda.max_memory_allocated(device) / GiB
+            row.left_gib = (torch.cuda.memory_allocated(device) - before) / GiB
+            pinned = torch_pinned_bytes()
+            row.torch_pinned_gib = None if pinned is None else pinned / GiB
+        else:
+            row.peak_gib = placement.ledger.peak / GiB  # weights only: the CPU has no allocator statistics
+            row.left_gib = (placement.ledger.current - before) / GiB
+    except Exception as e:  # noqa: BLE001 -- an OOM or a missing package is a row of the table, not the end of the run
+        row.note = f"skipped: {why(e)}"
+    finally:
+        if placement is not None:
             placement.undo(pipe)
-        finally:
-            cap(device, None)
-            free(device)
-    del host
-    free(device)
-    return resident
+        cap(device, None)
+        clean(device)
+    return row
 
 
-def diffusers_cases(name, config, side, device, steps, rows, resident):
-    from diffusers import Flux2Transformer2DModel
+def diffusers_rows(family, config: DiTConfig, inputs, report: MemoryReport, args) -> None:
+    device = args.device
+    try:
+        from diffusers import Flux2Transformer2DModel
 
-    def new_model():
-        with torch.device("meta"):
-            m = Flux2Transformer2DModel(
-                in_channels=config.in_channels,
-                num_layers=config.depth,
-                num_single_layers=config.depth_single_blocks,
-                attention_head_dim=config.head_dim,
-                num_attention_heads=config.num_heads,
-                joint_attention_dim=config.context_in_dim,
-                axes_dims_rope=config.axes_dim,
-                guidance_embeds=config.guidance_embed,
-            )
-        return fill_random(m)
+        from featherflux.weights.transformer import config_to_diffusers
+    except ImportError as e:
+        report.add(Row(family.name, "diffusers", note=f"skipped: not installed ({why(e)})"))
+        return
+    x, x_ids, t, ctx, ctx_ids, guidance = inputs
+    with torch.device("meta"):
+        meta = Flux2Transformer2DModel(**config_to_diffusers(config))
+    twin = random_bf16(meta)
 
-    x, x_ids, t, ctx, ctx_ids, guidance = inputs(config, side, device)
-
-    def step(m):
-        return lambda: m(
+    def step(model):
+        return lambda: model(
             hidden_states=x,
             encoder_hidden_states=ctx,
             timestep=t,
@@ -205,99 +279,84 @@ def diffusers_cases(name, config, side, device, steps, rows, resident):
             return_dict=False,
         )
 
-    model = new_model()
-    moved = {}
-
-    def resident_case():
-        start = time.perf_counter()
-        model.to(device)
-        sync(device)
-        moved["s"] = time.perf_counter() - start
-        try:
-            return time_steps(step(model), device, steps)
-        finally:
-            model.to("cpu")
-            free(device)
-
-    base = run_case(f"diffusers {name}: resident", resident_case, rows)
-    resident = resident or base
-    if "s" in moved:  # model CPU offload denoises with the DiT resident; it pays the move once per image
-        print(
-            f"  diffusers {name}: enable_model_cpu_offload = resident while denoising "
-            f"+ {moved['s']:.1f} s per image to move the DiT in",
-            flush=True,
-        )
-        rows.append(
-            (
-                f"diffusers {name}: enable_model_cpu_offload (+{moved['s']:.1f} s/image move)",
-                rows[-1][1],
-                rows[-1][2],
-                "1.00x",
-            )
-        )
-
-    def bnb_nf4():
-        import bitsandbytes as bnb
-
-        if device.type != "cuda":
-            raise RuntimeError("bitsandbytes 4-bit matmul needs CUDA here")
-        blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-        for parent in [m for block in blocks for m in block.modules()]:
-            for child_name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    q = bnb.nn.Linear4bit(
-                        child.in_features,
-                        child.out_features,
-                        bias=child.bias is not None,
-                        compute_dtype=torch.bfloat16,
-                        quant_type="nf4",
-                    )
-                    q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
-                    setattr(parent, child_name, q)
-        model.to(device)  # quantizes on the way in
-        return time_steps(step(model), device, steps)
-
-    run_case(f"diffusers {name}: bitsandbytes nf4 resident", bnb_nf4, rows, resident)
-    model = None  # release the host copy before group offload builds its own
-    free(device)
-
-    def group_offload():
-        if device.type != "cuda":
-            raise RuntimeError("group offload with streams needs CUDA")
-        fresh = new_model()
-        fresh.enable_group_offload(
-            onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=True
-        )
-        return time_steps(step(fresh), device, steps)
-
-    run_case(f"diffusers {name}: enable_group_offload(block, use_stream)", group_offload, rows, resident)
-    free(device)
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="a scaled-down DiT at 128x128 (CPU-friendly)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--families", nargs="+", default=["flux.2-dev", "klein-4b"])
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    rows = []
-    if args.small:
-        small_family = replace(FAMILIES["klein-4b"], dit=SMALL, name="small")
-        cases = [("small", SMALL, forced(small_family, 128), 128)]
+    resident = Row(family.name, "diffusers: resident")
+    try:
+        clean(device)
+        with torch.inference_mode():
+            resident.seconds = seconds_per_call(step(twin.to(device)), device, warmup=1, steps=args.steps)
+        resident.peak_gib = torch.cuda.max_memory_allocated(device) / GiB if device.startswith("cuda") else None
+    except Exception as e:  # noqa: BLE001 -- reported in the table
+        resident.note = f"skipped: {why(e)}"
+    twin.to("cpu")
+    report.add(resident)
+    grouped = Row(family.name, "diffusers: enable_group_offload(block_level, use_stream=True) at 24 GiB")
+    if not device.startswith("cuda"):
+        grouped.note = "skipped: group offload with streams needs CUDA"
+    elif report.left() < 30:
+        grouped.note = "skipped: out of time"
     else:
-        budgets = {"flux.2-dev": [139, 24, 16, 8], "klein-4b": [139, 24, 8]}
-        cases = [(f, FAMILIES[f].dit, planned(FAMILIES[f], budgets.get(f, [24, 8]), 1024), 1024) for f in args.families]
-    print(f"device {device}; {args.steps} timed steps after 1 warm-up; image tokens at the given side, 512 text tokens")
-    for name, config, candidates, side in cases:
-        print(f"{name} at {side}x{side}:")
-        resident = featherflux_cases(name, config, candidates, side, device, args.steps, rows)
-        diffusers_cases(name, config, side, device, args.steps, rows, resident)
-    print("\n| case | s/step | peak GiB | vs resident |\n|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+        try:
+            clean(device)
+            cap(device, 24 * GiB)
+            twin.enable_group_offload(
+                onload_device=torch.device(device), offload_type="block_level", num_blocks_per_group=1, use_stream=True
+            )
+            with torch.inference_mode():
+                grouped.seconds = seconds_per_call(step(twin), device, warmup=1, steps=args.steps)
+            grouped.peak_gib = torch.cuda.max_memory_allocated(device) / GiB
+            if resident.seconds:
+                grouped.x_resident = grouped.seconds / resident.seconds
+        except Exception as e:  # noqa: BLE001 -- reported in the table
+            grouped.note = f"skipped: {why(e)}"
+        finally:
+            cap(device, None)
+    report.add(grouped)
+    del twin
+    clean(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="a tiny DiT on CPU: checks the script end to end")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row, after one warm-up step")
+    parser.add_argument("--budget", type=float, default=230, help="seconds for the whole run")
+    parser.add_argument("--out", type=Path, default=Path("."), help="folder for gpu_memory.json and gpu_memory.md")
+    args = parser.parse_args(argv)
+    if args.small:
+        args.device = "cpu"
+        cases = {"small": (("device",), (None, "int8"))}
+    else:
+        cases = CASES
+    report = MemoryReport(args.out, args.device, torch.bfloat16, args.budget)
+    side = 8 if args.small else 64  # latent grid after packing: 1024x1024 pixels
+    txt = 16 if args.small else 512
+    report.header |= {
+        "device": device_name(args.device),
+        "shape": f"{side * 16}x{side * 16}, {txt} text tokens, batch 1",
+        "h2d_gbps": h2d_gbps(args.device),
+    }
+    for name, (budgets, quants) in cases.items():
+        family = replace(FAMILIES["klein-4b"], dit=SMALL, name="small") if args.small else FAMILIES[name]
+        with torch.device("meta"):
+            meta = Flux2(family.dit)
+        host = random_bf16(meta)
+        inputs = step_inputs(family.dit, side, txt, args.device, torch.bfloat16)
+        for i, quant in enumerate(quants):
+            if quant is None:
+                plan_rows(family, host, None, budgets, inputs, report, args)
+                continue
+            last = i + 1 == len(quants)  # the last quantization may overwrite the bf16 weights: no second copy
+            quantized = quantize_on(host if last else copy.deepcopy(host), quant, args.device)
+            plan_rows(family, quantized, quant, budgets, inputs, report, args)
+            del quantized
+            gc.collect()
+        del host
+        clean(args.device)
+        diffusers_rows(family, family.dit, inputs, report, args)
+    print(f"wrote {args.out / 'gpu_memory.json'} and {args.out / 'gpu_memory.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

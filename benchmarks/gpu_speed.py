@@ -26,9 +26,9 @@ Measured, in order:
 
 On the lent H200 (Python 3.12, torch and diffusers' other needs installed, no diffusers), carry diffusers' wheel:
 `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1` here (with `/.whl/` in
-.git/info/exclude), then run there, carrying `.whl`:
-`pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
-python3 benchmarks/gpu_speed.py --out $OUT`.
+.git/info/exclude), then run there, carrying `.whl`, this and `gpu_memory.py` in one call of at most 9 minutes:
+`pip install -q --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 &&
+python3 benchmarks/gpu_speed.py --out $OUT --budget 300; python3 benchmarks/gpu_memory.py --out $OUT --budget 220`.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class Row:
 
 
 class Report:
-    """Rows as they come: printed, and the JSON and markdown rewritten after each one."""
+    """Rows as they come: printed, and the JSON and markdown (`STEM`.json / .md) rewritten after each one."""
+
+    STEM = "gpu_speed"
 
     def __init__(self, out: Path, device: str, dtype: torch.dtype, budget: float):
         self.out, self.rows, self.header = out, [], {}
@@ -100,10 +102,10 @@ class Report:
     def add(self, row: Row) -> Row:
         self.rows.append(row)
         print(self.markdown_line(row), flush=True)
-        (self.out / "gpu_speed.json").write_text(
+        (self.out / f"{self.STEM}.json").write_text(
             json.dumps({**self.header, "rows": [asdict(r) for r in self.rows]}, indent=1)
         )
-        (self.out / "gpu_speed.md").write_text(self.markdown())
+        (self.out / f"{self.STEM}.md").write_text(self.markdown())
         return row
 
     def markdown(self) -> str:

@@ -72,6 +72,7 @@ class Plan:
     seconds_per_image: float
     fits: bool
     pinned_bytes: int = 0  # page-locked host memory: packed streamed blocks and layers, or the staging buffers
+    dit_peak_bytes: int = 0  # device bytes of the DiT alone while it denoises (its weights there + activations)
     explanation: str = ""
 
     @property
@@ -244,6 +245,7 @@ def _evaluate(
         seconds_per_image=steps * step + per_image,
         fits=peak <= hw.vram_bytes,
         pinned_bytes=pinned,
+        dit_peak_bytes={"resident": s.dit, "stream": s.dit_globals + resident_bytes}.get(dit, 0) + dit_phase,
     )
 
 
