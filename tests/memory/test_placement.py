@@ -281,3 +281,15 @@ def test_lora_on_a_sequentially_streamed_linear_lives_on_the_compute_device(smal
     wrapped = small_dit.get_submodule(name)
     assert all(p.device.type == "meta" for p in wrapped.adapters.parameters())
     assert all(p.device.type == "cpu" for p in wrapped.base.parameters())  # the base stays streamed from the host
+
+
+def test_a_plan_that_tiles_the_decode_turns_tiling_on(small_dit):
+    from featherflux.model.autoencoder import AutoEncoder
+    from featherflux.model.config import AutoEncoderConfig
+
+    ae = AutoEncoder(AutoEncoderConfig(channels=(8, 8), num_res_blocks=1, z_channels=4, norm_groups=1))
+    apply_placement(fake_pipe(copy.deepcopy(small_dit), autoencoder=ae), small_plan(autoencoder_slicing=True), "cpu")
+    assert ae.use_slicing and not ae.use_tiling
+    tiled = small_plan(autoencoder_slicing=True, autoencoder_tile=64)
+    apply_placement(fake_pipe(copy.deepcopy(small_dit), autoencoder=ae), tiled, "cpu")
+    assert ae.use_tiling and ae.tile_size == 64

@@ -69,8 +69,12 @@ def test_planner_fits_every_budget_and_explains_it(family, vram):
     p = plan(family, vram, 64)
     assert p.fits and p.peak_vram_bytes <= vram * GiB
     assert f"{vram} GiB VRAM" in p.explanation and "fits" in p.explanation
-    # the ranking never prefers a slower plan of the same precision
-    same_precision = [q for q in plans(family, vram, 64) if q.fits and q.quantize == p.quantize]
+    # the ranking never prefers a slower plan of the same precision that decodes the image the same way
+    same_precision = [
+        q
+        for q in plans(family, vram, 64)
+        if q.fits and q.quantize == p.quantize and q.autoencoder_tile == p.autoencoder_tile
+    ]
     assert p.seconds_per_image <= min(q.seconds_per_image for q in same_precision) + 1e-9
 
 
@@ -243,3 +247,18 @@ def test_quantize_none_lists_quantized_plans_that_would_fit():
 def test_plan_cli_takes_quantize_none(capsys):
     assert main(["plan", "klein-4b", "--vram", "24", "--ram", "64", "--quantize", "none", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantize"] is None
+
+
+def test_decode_is_tiled_only_when_a_whole_image_does_not_fit():
+    whole = plan("klein-4b", hardware=RTX4060)  # 1024x1024 decodes whole even on 8 GiB
+    assert (whole.autoencoder_slicing, whole.autoencoder_tile) == (False, None)
+    big = plan("klein-4b", hardware=RTX4060, height=2048, width=2048)
+    assert big.fits and (big.autoencoder_slicing, big.autoencoder_tile) == (True, 1024)
+    assert "1024-pixel tiles" in big.explanation
+    roomy = plan("klein-4b", hardware=H200, height=2048, width=2048)
+    assert (roomy.autoencoder_slicing, roomy.autoencoder_tile) == (False, None)
+    batch = plan("klein-4b", hardware=RTX4060, batch=4)  # one image at a time is enough, and exact
+    assert batch.fits and (batch.autoencoder_slicing, batch.autoencoder_tile) == (True, None)
+    assert "one image at a time" in batch.explanation
+    s = _sizes(FAMILIES["klein-4b"], None, RTX4060, 2048, 2048, 1)
+    assert big.peak_vram_bytes < s.act_ae  # the whole decode alone would not fit

@@ -146,3 +146,46 @@ def test_bad_shapes_raise_user_errors():
         ae.normalize(torch.zeros(1, 2, 3, 4))
     with pytest.raises(UserError, match=r"\(B, 8, h, w\)"):
         ae.denormalize(torch.zeros(1, 2, 3, 4))
+
+
+# Several tiles each way, the last one narrower than the rest: 80x48 pixels in 32-pixel tiles with a stride of 24.
+TILED = dict(CONFIGS["two-levels"][0], sample_size=32)
+
+
+@torch.no_grad()
+def test_tiled_encode_and_decode_equal_diffusers():
+    vae = randomized_vae(**TILED)
+    ae = ours_from(vae)
+    assert ae.config.sample_size == 32
+    vae.enable_tiling()
+    ae.enable_tiling()
+    images = torch.rand(2, 3, 80, 48) * 2 - 1
+    assert_close(ae.encode(images), vae.encode(images).latent_dist.mode(), 1e-4)
+    z = torch.randn(2, ae.config.z_channels, 40, 24)
+    tiled = ae.decode(z)
+    assert_close(tiled, vae.decode(z).sample, 1e-4)
+    ae.disable_tiling()
+    assert (ae.decode(z) - tiled).abs().max() > 1e-3  # the tiles really were blended, not decoded whole
+
+
+@torch.no_grad()
+def test_tiling_leaves_small_images_and_slicing_leaves_batches_unchanged():
+    ae = ours_from(randomized_vae(**TILED))
+    z = torch.randn(3, ae.config.z_channels, 16, 12)  # one tile: 32x24 pixels
+    whole = ae.decode(z)
+    ae.enable_tiling()
+    assert torch.equal(ae.decode(z), whole)
+    ae.enable_slicing()
+    torch.testing.assert_close(ae.decode(z), whole, atol=1e-5, rtol=0)
+    images = torch.rand(3, 3, 80, 48) * 2 - 1
+    ae.disable_slicing()
+    batched = ae.encode(images)
+    ae.enable_slicing()
+    torch.testing.assert_close(ae.encode(images), batched, atol=1e-5, rtol=0)
+
+
+def test_bad_tile_size_names_the_rule():
+    ae = AutoEncoder(AutoEncoderConfig(channels=(4, 4), num_res_blocks=1, z_channels=2, norm_groups=1))
+    with pytest.raises(UserError, match="multiple of 8 pixels"):
+        ae.enable_tiling(20)
+    assert not ae.use_tiling

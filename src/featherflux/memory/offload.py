@@ -159,6 +159,10 @@ def apply_placement(
         for name in ("dit", "text_encoder"):  # a second call finds no Linear left to swap
             if name in components and not _quantized(components[name]):  # e.g. a DiT loaded from a BFL fp8 file
                 quantize(components[name], plan.quantize)
+    if plan.autoencoder_slicing:
+        pipe.autoencoder.enable_slicing()
+    if plan.autoencoder_tile:
+        pipe.autoencoder.enable_tiling(plan.autoencoder_tile)
     modes = {"dit": plan.dit, "text_encoder": plan.text_encoder, "autoencoder": plan.autoencoder}
     for name, module in components.items():
         mode = modes[name]

@@ -73,6 +73,10 @@ class Plan:
     fits: bool
     pinned_bytes: int = 0  # page-locked host memory: packed streamed blocks and layers, or the staging buffers
     dit_peak_bytes: int = 0  # device bytes of the DiT alone while it denoises (its weights there + activations)
+    # How the autoencoder decodes when a whole batch at once does not fit: one image at a time (same images), then
+    # in tiles of this many pixels (diffusers' tiled decode: slightly different seams). None: the whole image.
+    autoencoder_slicing: bool = False
+    autoencoder_tile: int | None = None
     explanation: str = ""
 
     @property
@@ -137,7 +141,10 @@ class _Sizes:
     ae: int
     act_dit: int
     act_te: int
-    act_ae: int
+    act_ae: int  # decoding the whole batch at once
+    # (slicing, tile, activation bytes) from the exact way to the leanest: whole batch, one image at a time, then
+    # ever smaller tiles
+    decode_options: tuple[tuple[bool, int | None, int], ...]
     dit_compute_s: float
     dequant_temp: int  # the largest per-call dequantised weight (and its fp32 intermediate) of a quantized layer
     te_compute_s: float
@@ -175,11 +182,28 @@ def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, w
         act_dit=sizes.dit_activation_bytes(family.dit, img_tokens, txt, dit_batch),
         act_te=sizes.text_encoder_activation_bytes(family.text_encoder, txt, batch),
         act_ae=sizes.autoencoder_activation_bytes(family.autoencoder, height, width, batch),
+        decode_options=_decode_options(family, height, width, batch),
         dit_compute_s=dit_compute_s,
         dequant_temp=dequant_temp,
         te_compute_s=sizes.text_encoder_flops(family.text_encoder, txt, batch) / flops,
         ae_compute_s=sizes.autoencoder_decode_flops(family.autoencoder, height, width) * batch / flops,
     )
+
+
+DECODE_TILES = (1024, 512, 256)  # pixels; tried in this order when one image does not decode whole
+
+
+def _decode_options(family: FamilyConfig, height: int, width: int, batch: int) -> tuple:
+    ae = family.autoencoder
+    images = batch * 3 * height * width * 4  # the decoded batch, kept while the rest is decoded
+    options = [(False, None, sizes.autoencoder_activation_bytes(ae, height, width, batch))]
+    if batch > 1:
+        options.append((True, None, sizes.autoencoder_activation_bytes(ae, height, width) + images))
+    for tile in DECODE_TILES:
+        if tile < max(height, width):  # smaller images are decoded whole even with tiling on
+            act = sizes.autoencoder_activation_bytes(ae, min(tile, height), min(tile, width))
+            options.append((True, tile, act + 2 * images))  # the overlapping output tiles, then the blended image
+    return tuple(options)
 
 
 def _evaluate(
@@ -196,7 +220,13 @@ def _evaluate(
         "sequential": 2 * s.dit_largest_leaf,
     }[dit]
     dit_phase += s.act_dit + s.dequant_temp
-    ae_phase = {"resident": 0, "offload": s.ae}[ae] + s.act_ae
+    ae_weights = {"resident": 0, "offload": s.ae}[ae]
+    # the first way of decoding that fits, else the leanest; a plan never tiles an image it can decode whole
+    slicing, tile, act_ae = next(
+        (o for o in s.decode_options if persistent + ae_weights + o[2] + hw.reserve_bytes <= hw.vram_bytes),
+        s.decode_options[-1],
+    )
+    ae_phase = ae_weights + act_ae
     peak = persistent + max(te_phase, dit_phase, ae_phase) + hw.reserve_bytes
 
     dit_host = {"resident": 0, "offload": s.dit, "stream": s.dit - s.dit_globals - resident_bytes, "sequential": s.dit}[
@@ -246,6 +276,8 @@ def _evaluate(
         fits=peak <= hw.vram_bytes,
         pinned_bytes=pinned,
         dit_peak_bytes={"resident": s.dit, "stream": s.dit_globals + resident_bytes}.get(dit, 0) + dit_phase,
+        autoencoder_slicing=slicing,
+        autoencoder_tile=tile,
     )
 
 
@@ -329,6 +361,13 @@ def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int
         f"Peak {p.peak_vram_gib:.1f} GiB of {hw.vram_bytes / GiB:.0f} GiB VRAM (incl. "
         f"{hw.reserve_bytes / GiB:.1f} GiB reserve): {verdict}."
     )
+    if p.autoencoder_slicing:
+        how = f"in {p.autoencoder_tile}-pixel tiles" if p.autoencoder_tile else "one image at a time"
+        lines.append(
+            f"Decoding the whole {'batch' if p.autoencoder_tile is None else 'image'} at once would take "
+            f"{s.act_ae / GiB:.1f} GiB, so the autoencoder decodes {how}"
+            + (" (tiles blend at their seams, as diffusers' enable_tiling does)." if p.autoencoder_tile else ".")
+        )
     if p.quantize == "fp8" and hw.fp8_matmul:
         lines.append("fp8 weights multiply on the fp8 tensor cores (activations quantized per token).")
     elif p.quantize:
@@ -387,8 +426,10 @@ def plans(
         for mode in offloads:
             p = _candidates(family, s, hw, mode, quant, family.default_steps)
             out.append(replace(p, explanation=_explain(p, family, s, hw, height, width)))
+    # A tiled decode changes the image at the seams, so a plan tiles only when no plan can decode the image whole.
     fitting = sorted(
-        (p for p in out if p.fits), key=lambda p: p.seconds_per_image * QUALITY_FACTOR.get(p.quantize, 1.6)
+        (p for p in out if p.fits),
+        key=lambda p: (p.autoencoder_tile is not None, p.seconds_per_image * QUALITY_FACTOR.get(p.quantize, 1.6)),
     )
     unquantized = [p for p in fitting if p.quantize is None]
     if quantize == "auto" and any(p.dit == "resident" for p in unquantized):

@@ -11,6 +11,10 @@ Design choices:
 - Numerics follow diffusers' `AutoencoderKLFlux2`: GroupNorm eps 1e-6, one-head mid attention via SDPA,
   nearest 2x upsampling, and downsampling by a stride-2 conv after padding right and bottom by one.
 - Inputs are cast to the autoencoder's dtype; outputs come back in that dtype.
+- Tiling and slicing are diffusers' switches with diffusers' tiles: `enable_tiling()` encodes and decodes images
+  larger than `config.sample_size` pixels in overlapping tiles (a quarter overlap, blended linearly, the same
+  order and rounding), so a tiled decode here equals diffusers' tiled decode; `enable_slicing()` runs a batch one
+  image at a time, which changes nothing but memory.
 """
 
 from __future__ import annotations
@@ -190,6 +194,30 @@ class AutoEncoder(nn.Module):
         self.decoder = Decoder(config)
         # Holds running_mean / running_var (and num_batches_tracked, which BFL's file carries) for `normalize`.
         self.bn = nn.BatchNorm2d(config.latent_channels, eps=config.bn_eps, momentum=config.bn_momentum, affine=False)
+        self.use_tiling = False
+        self.use_slicing = False
+        self.tile_size = config.sample_size  # pixels; the latent tile is tile_size / downsample_factor
+
+    def enable_tiling(self, tile_size: int | None = None) -> None:
+        """Encode and decode images larger than `tile_size` pixels (default `config.sample_size`, 1024 for FLUX.2)
+        tile by tile, so memory is that of one tile. Seams are blended, but a tiled image differs slightly from an
+        untiled one, as in diffusers."""
+        size = self.config.sample_size if tile_size is None else tile_size
+        step = 4 * self.config.downsample_factor  # a quarter-overlap stride must stay on the latent grid
+        if isinstance(size, bool) or not isinstance(size, int) or size < step or size % step:
+            raise UserError(f"tile_size must be a multiple of {step} pixels (at least {step}); got {size!r}")
+        self.tile_size = size
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Encode and decode a batch one image at a time: the same images, the memory of one."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -203,8 +231,14 @@ class AutoEncoder(nn.Module):
                 f"autoencoder.encode expects images of shape (B, {self.config.in_channels}, H, W) with H and W "
                 f"multiples of {f}; got {tuple(images.shape)}. Resize or crop the image first."
             )
-        moments = self.encoder(images.to(self.dtype))
+        moments = self._per_image(self._encode, images.to(self.dtype))
         return moments[:, : self.config.z_channels]
+
+    def _encode(self, images: Tensor) -> Tensor:
+        tile, f = self.tile_size, self.config.downsample_factor
+        if self.use_tiling and max(images.shape[-2:]) > tile:
+            return tiled(self.encoder, images, tile=tile, out_tile=tile // f)
+        return self.encoder(images)
 
     def decode(self, z: Tensor) -> Tensor:
         """(B, z_channels, h, w) latents -> (B, 3, 8h, 8w) images, nominally in [-1, 1]."""
@@ -213,7 +247,18 @@ class AutoEncoder(nn.Module):
                 f"autoencoder.decode expects latents of shape (B, {self.config.z_channels}, h, w); "
                 f"got {tuple(z.shape)}. Call denormalize() first on patchified DiT latents."
             )
-        return self.decoder(z.to(self.dtype))
+        return self._per_image(self._decode, z.to(self.dtype))
+
+    def _decode(self, z: Tensor) -> Tensor:
+        tile, f = self.tile_size, self.config.downsample_factor
+        if self.use_tiling and max(z.shape[-2:]) > tile // f:
+            return tiled(self.decoder, z, tile=tile // f, out_tile=tile)
+        return self.decoder(z)
+
+    def _per_image(self, fn, x: Tensor) -> Tensor:
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([fn(one) for one in x.split(1)])
+        return fn(x)
 
     def normalize(self, z: Tensor) -> Tensor:
         """(B, z, h, w) -> (B, 4z, h/2, w/2): 2x2 patchify, then (x - running_mean) / sqrt(running_var + eps)."""
@@ -247,3 +292,38 @@ class AutoEncoder(nn.Module):
         mean = self.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
         std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.config.bn_eps).to(like.device, like.dtype)
         return mean, std
+
+
+def tiled(fn, x: Tensor, *, tile: int, out_tile: int) -> Tensor:
+    """`fn` over overlapping `tile`-sized squares of `x` (a quarter overlap), each output tile (`out_tile` square)
+    blended linearly into the one above and the one to its left, in diffusers' order, then the overlaps cropped."""
+    stride = int(tile * 0.75)
+    blend = int(out_tile * 0.25)
+    rows = [
+        [fn(x[:, :, i : i + tile, j : j + tile]) for j in range(0, x.shape[3], stride)]
+        for i in range(0, x.shape[2], stride)
+    ]
+    for i, row in enumerate(rows):
+        for j, out in enumerate(row):
+            if i:
+                _blend_into(rows[i - 1][j], out, blend, dim=2)
+            if j:
+                _blend_into(row[j - 1], out, blend, dim=3)
+    keep = out_tile - blend
+    return torch.cat([torch.cat([out[:, :, :keep, :keep] for out in row], dim=3) for row in rows], dim=2)
+
+
+def _blend_into(before: Tensor, after: Tensor, extent: int, dim: int) -> None:
+    """Fade the last `extent` rows (dim=2) or columns (dim=3) of `before` into the first ones of `after`, in place."""
+    extent = min(before.shape[dim], after.shape[dim], extent)
+    if extent == 0:
+        return
+    # weights in float64 then rounded once, and each product rounded to the tensor's dtype before the sum: the same
+    # rounding as diffusers' per-row `a * (1 - y / extent) + b * (y / extent)` with Python floats
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    w = (torch.arange(extent, dtype=torch.float64) / extent).view(shape).to(after.device)
+    head = after.narrow(dim, 0, extent)
+    tail = before.narrow(dim, before.shape[dim] - extent, extent)
+    faded = (tail.float() * (1 - w).float()).to(after.dtype) + (head.float() * w.float()).to(after.dtype)
+    head.copy_(faded)

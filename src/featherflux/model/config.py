@@ -9,7 +9,7 @@ our native parameter layout. Diffusers' config names are translated in `featherf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class AutoEncoderConfig:
     bn_eps: float = 1e-4
     bn_momentum: float = 0.1
     patch_size: int = 2  # latents are patchified 2x2 before the DiT sees them
+    # Tiled encode/decode works on tiles of this many pixels (diffusers' `sample_size`). Not architecture: it is left
+    # out of comparisons, so a folder that sets it still matches its family.
+    sample_size: int = field(default=1024, compare=False, repr=False)
 
     @property
     def downsample_factor(self) -> int:

@@ -101,6 +101,7 @@ _CONFIG_RENAMES = {
     "mid_attention": "mid_block_add_attention",
     "bn_eps": "batch_norm_eps",
     "bn_momentum": "batch_norm_momentum",
+    "sample_size": "sample_size",
 }
 
 
@@ -119,6 +120,8 @@ def config_from_diffusers(d: Mapping) -> AutoEncoderConfig:
     fields = {ours: d[theirs] for ours, theirs in _CONFIG_RENAMES.items() if theirs in d}
     if "channels" in fields:
         fields["channels"] = tuple(fields["channels"])
+    if isinstance(fields.get("sample_size"), (list, tuple)):  # diffusers tiles squares of the first entry
+        fields["sample_size"] = fields["sample_size"][0]
     channels = fields.get("channels", AutoEncoderConfig.channels)
     problems = []
     if d.get("act_fn", "silu") != "silu":
@@ -153,7 +156,6 @@ def config_to_diffusers(config: AutoEncoderConfig) -> dict:
         "decoder_block_out_channels": None,
         "act_fn": "silu",
         "patch_size": [config.patch_size, config.patch_size],
-        "sample_size": 1024,  # only sets diffusers' tiling size
     }
 
 
