@@ -39,6 +39,8 @@ from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_
 from featherflux.model.attention import select as select_attention
 from featherflux.model.compile import COMPILE_FAILURES, check_mode, compile_blocks, uncompile_blocks
 from featherflux.model.config import FamilyConfig
+from featherflux.parallel import ContextParallel, init_mesh, rank_device
+from featherflux.parallel import check_mode as check_parallel
 from featherflux.request import CACHE_METHODS, GenerationRequest, Repaint, size_multiple
 from featherflux.sampling import (
     KnownRegion,
@@ -73,6 +75,7 @@ class Flux2Pipeline(LoRAMixin):
         model_id: str = "",
         device: str | torch.device = "cpu",
         cache: str | None = None,
+        parallel: ContextParallel | None = None,
     ):
         self.transformer = transformer  # featherflux.model.dit.Flux2
         self.autoencoder = autoencoder  # featherflux.model.autoencoder.AutoEncoder
@@ -83,6 +86,7 @@ class Flux2Pipeline(LoRAMixin):
         self.device = torch.device(device)  # where the denoising runs
         self.cache = cache  # the step caching of calls that do not choose their own (None or "first-block")
         self.placement = None  # a featherflux.memory.Placement, set by place_pipeline (None: all on `device`)
+        self.parallel = parallel  # the DiT split across processes (featherflux.parallel), or None
 
     @property
     def true_cfg(self) -> bool:
@@ -158,6 +162,8 @@ class Flux2Pipeline(LoRAMixin):
         multiple = size_multiple(self.family)
         h, w = request.height // multiple, request.width // multiple
         noise = self.prepare_latents(request, batch, h, w, embeds.dtype)
+        if self.parallel is not None:  # every rank starts from rank 0's noise, so all of them make the same image
+            noise = self.parallel.broadcast(noise)
         known = None if repaint is None else self.known_region(repaint, ref_tokens[:, : h * w], noise, h, w)
         caches = StepCaches(request.cache_threshold)
         with phase(self, "dit"):
@@ -260,11 +266,14 @@ class Flux2Pipeline(LoRAMixin):
         x_ids = image_ids(h, w).to(self.device)
         ctx_ids = text_ids(embeds.shape[1]).to(self.device)
         on_step = None if request.callback is None else self._step_callback(request)
+        if self.parallel is not None and request.cache_threshold > 0:
+            raise UserError("step caching does not combine with parallel= yet (each rank sees part of the image)")
+        dit = self.transformer if self.parallel is None else self.parallel
         if self.kv_references and ref_tokens is not None:
             if request.cache_threshold > 0:
                 raise UserError("step caching does not combine with klein-9b-kv's reference K/V cache; drop `cache`")
             return denoise_kv(
-                self.transformer,
+                dit,
                 latents,
                 sigmas,
                 x_ids=x_ids,
@@ -281,7 +290,7 @@ class Flux2Pipeline(LoRAMixin):
         if self.family.dit.guidance_embed:
             guidance = torch.full((latents.shape[0],), request.guidance, dtype=torch.float32, device=self.device)
         return denoise(
-            self.transformer,
+            dit,
             latents,
             sigmas,
             x_ids=x_ids,
@@ -347,6 +356,8 @@ def load_pipeline(
     attention: str = "auto",
     cache: str | None = None,
     compile: bool | str = False,
+    parallel: str | None = None,
+    parallel_degree: int | None = None,
 ) -> Flux2Pipeline:
     """Load a FLUX.2 pipeline from a diffusers-layout folder (with model_index.json), a hub repo id already in the
     local Hugging Face cache, or "demo" (the small model shipped with featherflux).
@@ -378,9 +389,17 @@ def load_pipeline(
     compiles the DiT's repeated blocks (`featherflux.model.compile`; the first call of each size pays for it),
     "max" also autotunes and, on CUDA, replays them as CUDA graphs; where the compiler cannot run, a warning and
     eager mode.
+
+    `parallel` splits one image across the processes that `torchrun` started (`featherflux.parallel`): "ulysses"
+    (heads exchanged by all-to-all; the head count must divide by the process count), "ring" (K/V passed around a
+    ring; any count) or "usp" (both; `parallel_degree` is its Ulysses degree). Each process computes on
+    `cuda:LOCAL_RANK` (or the CPU, on gloo), and every one returns the same images.
     """
     select_attention(attention, device, dtype or torch.bfloat16)  # fail before any weights are read
     compile = check_mode(compile)
+    check_parallel(parallel)
+    if parallel is not None:
+        device = rank_device(device)
     if cache is not None and cache not in CACHE_METHODS:
         raise UserError(f"unknown cache method {cache!r}; use one of {', '.join(CACHE_METHODS)} (or None)")
     parts = load_components(
@@ -404,6 +423,10 @@ def load_pipeline(
     parts.transformer.set_attention(select_attention(attention, device, compute_dtype or torch.bfloat16))
     if compile:  # before placement: weight streaming then wraps the compiled blocks
         compile_blocks(parts.transformer, compile, device)
+    context_parallel = None
+    if parallel is not None:
+        mesh = init_mesh(parallel, parts.family.dit.num_heads, parallel_degree, str(device))
+        context_parallel = ContextParallel(parts.transformer, mesh)
     pipe = Flux2Pipeline(
         parts.transformer,
         parts.autoencoder,
@@ -413,6 +436,7 @@ def load_pipeline(
         model_id=parts.model_id,
         device=device,
         cache=cache,
+        parallel=context_parallel,
     )
     if needs_placement(device, vram=vram, offload=offload, quantize=quantize) or embed_cache is not None:
         place_pipeline(

@@ -1,0 +1,104 @@
+"""Context parallelism on 2 and 4 CPU processes (gloo) equals one process, for the DiT and for whole pipelines."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from featherflux.errors import UserError
+from featherflux.model.config import DiTConfig
+from featherflux.model.dit import Flux2
+from featherflux.parallel import ContextParallel, init_mesh
+from featherflux.parallel.group import mesh_degrees
+from tests.parallel.ranks import run_ranks
+
+# four heads, so Ulysses works on 2 and 4 ranks
+DIT = DiTConfig(
+    in_channels=8, context_in_dim=24, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2,
+    axes_dim=(4, 4, 4, 4), guidance_embed=True,
+)
+MODES = {2: [("ulysses", None), ("ring", None)], 4: [("ulysses", None), ("ring", None), ("usp", 2)]}
+
+
+def _ids(batch: int, n: int, t: int = 0) -> torch.Tensor:
+    ids = torch.zeros(n, 4)
+    ids[:, 0], ids[:, 1], ids[:, 2] = t, torch.arange(n) // 4, torch.arange(n) % 4
+    return ids[None].expand(batch, -1, -1)
+
+
+def _dit_cases(rank, world):
+    torch.manual_seed(0)
+    dit = Flux2(DIT).eval()
+    g = torch.Generator().manual_seed(1)
+    B, N, L, R = 2, 13, 7, 5  # lengths that do not divide by 2 or 4
+    x = torch.randn(B, N, 8, generator=g)
+    ctx = torch.randn(B, L, 24, generator=g)
+    ref = torch.randn(B, R, 8, generator=g)
+    ctx_ids = torch.zeros(B, L, 4)
+    ctx_ids[..., 3] = torch.arange(L)
+    t, guidance = torch.full((B,), 0.6), torch.full((B,), 3.5)
+    x_ids = _ids(B, N)
+    both, both_ids = torch.cat([ref, x], dim=1), torch.cat([_ids(B, R, 10), x_ids], dim=1)
+    with torch.no_grad():
+        plain = dit(x, x_ids, t, ctx, ctx_ids, guidance)
+        plain_kv, cache = dit.forward_kv_extract(both, both_ids, t, ctx, ctx_ids, R, guidance)
+        plain_cached = dit.forward_kv_cached(x, x_ids, t * 0.5, ctx, ctx_ids, cache, guidance)
+        for mode, degree in MODES[world]:
+            split = ContextParallel(copy.deepcopy(dit), init_mesh(mode, DIT.num_heads, degree))
+            torch.testing.assert_close(split(x, x_ids, t, ctx, ctx_ids, guidance), plain, atol=1e-5, rtol=0)
+            out, split_cache = split.forward_kv_extract(both, both_ids, t, ctx, ctx_ids, R, guidance)
+            torch.testing.assert_close(out, plain_kv, atol=1e-5, rtol=0)
+            cached = split.forward_kv_cached(x, x_ids, t * 0.5, ctx, ctx_ids, split_cache, guidance)
+            torch.testing.assert_close(cached, plain_cached, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_dit_equals_the_whole_dit(tmp_path, world):
+    run_ranks(world, tmp_path, _dit_cases)
+
+
+def _pipeline_cases(rank, world, folders, mode):
+    from featherflux.pipeline import load_pipeline
+    from tests.test_pipeline import references
+
+    for kind, folder in folders.items():
+        whole = load_pipeline(folder)
+        split = load_pipeline(folder, parallel=mode)
+        for n_refs in (0, 2) if kind != "klein-kv" else (2,):
+            call = dict(
+                prompt="a dog", height=80, width=80, num_inference_steps=2, max_sequence_length=24,
+                output_type="np", show_progress=False, image=references(n_refs) or None,
+            )
+            a = whole(generator=torch.Generator().manual_seed(0), **call).images
+            b = split(generator=torch.Generator().manual_seed(0), **call).images
+            np.testing.assert_allclose(b, a, atol=1e-4, rtol=0, err_msg=f"{kind}, {n_refs} references")
+
+
+@pytest.mark.parametrize("world,mode", [(2, "ulysses"), (4, "usp")])
+def test_split_pipelines_make_the_single_process_image(tmp_path_factory, tmp_path, world, mode):
+    from tests.tiny import tiny_pipeline_dir
+
+    scratch = tmp_path_factory.getbasetemp() / "tiny"
+    scratch.mkdir(exist_ok=True)
+    folders = {kind: tiny_pipeline_dir(kind, scratch) for kind in ("dev", "klein", "klein-base", "klein-kv")}
+    run_ranks(world, tmp_path, _pipeline_cases, folders, mode)
+
+
+def test_degrees_that_do_not_work_name_the_ones_that_do():
+    assert mesh_degrees("usp", 8, None, 24) == (8, 1)
+    assert mesh_degrees("usp", 4, 2, 24) == (2, 2)
+    assert mesh_degrees("ring", 3, None, 2) == (1, 3)
+    with pytest.raises(UserError, match="divides 24"):
+        mesh_degrees("ulysses", 5, None, 24)
+    with pytest.raises(UserError, match="degrees that work: 1, 2, 3, 6"):
+        mesh_degrees("usp", 6, 4, 24)
+    with pytest.raises(UserError, match="unknown parallel mode"):
+        mesh_degrees("pipeline", 2, None, 24)
+
+
+def test_parallel_without_torchrun_shows_the_command(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UserError, match="torchrun --nproc-per-node"):
+        init_mesh("ring", 4)
