@@ -39,7 +39,7 @@ from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_
 from featherflux.model.attention import select as select_attention
 from featherflux.model.compile import COMPILE_FAILURES, check_mode, compile_blocks, uncompile_blocks
 from featherflux.model.config import FamilyConfig
-from featherflux.parallel import ContextParallel, init_mesh, rank_device
+from featherflux.parallel import ParallelDiT, parallelize, rank_device
 from featherflux.parallel import check_mode as check_parallel
 from featherflux.request import CACHE_METHODS, GenerationRequest, Repaint, size_multiple
 from featherflux.sampling import (
@@ -75,7 +75,7 @@ class Flux2Pipeline(LoRAMixin):
         model_id: str = "",
         device: str | torch.device = "cpu",
         cache: str | None = None,
-        parallel: ContextParallel | None = None,
+        parallel: ParallelDiT | None = None,
     ):
         self.transformer = transformer  # featherflux.model.dit.Flux2
         self.autoencoder = autoencoder  # featherflux.model.autoencoder.AutoEncoder
@@ -154,6 +154,9 @@ class Flux2Pipeline(LoRAMixin):
             prompts = self.upsample_prompt(request.prompts, pictures, request.caption_upsample_temperature)
             request = dataclasses.replace(request, prompts=prompts, caption_upsample_temperature=None)
         embeds, negative = self.encode_prompt(request)
+        if self.parallel is not None:  # each rank slices rank 0's text: it must be the same text everywhere
+            embeds = self.parallel.broadcast(embeds)
+            negative = None if negative is None else self.parallel.broadcast(negative)
         batch = embeds.shape[0]
         repaint = request.repaint
         references = request.references if repaint is None else [repaint.image, *request.references]
@@ -392,8 +395,9 @@ def load_pipeline(
 
     `parallel` splits one image across the processes that `torchrun` started (`featherflux.parallel`): "ulysses"
     (heads exchanged by all-to-all; the head count must divide by the process count), "ring" (K/V passed around a
-    ring; any count) or "usp" (both; `parallel_degree` is its Ulysses degree). Each process computes on
-    `cuda:LOCAL_RANK` (or the CPU, on gloo), and every one returns the same images.
+    ring; any count), "usp" (both; `parallel_degree` is its Ulysses degree), "cfg" (true CFG's two passes on two
+    processes) or "cfg+ulysses" / "cfg+ring" / "cfg+usp". Each process computes on `cuda:LOCAL_RANK` (or the CPU,
+    on gloo), and every one returns the same images.
     """
     select_attention(attention, device, dtype or torch.bfloat16)  # fail before any weights are read
     compile = check_mode(compile)
@@ -423,10 +427,7 @@ def load_pipeline(
     parts.transformer.set_attention(select_attention(attention, device, compute_dtype or torch.bfloat16))
     if compile:  # before placement: weight streaming then wraps the compiled blocks
         compile_blocks(parts.transformer, compile, device)
-    context_parallel = None
-    if parallel is not None:
-        mesh = init_mesh(parallel, parts.family.dit.num_heads, parallel_degree, str(device))
-        context_parallel = ContextParallel(parts.transformer, mesh)
+    split = None if parallel is None else parallelize(parts.transformer, parallel, parallel_degree, device)
     pipe = Flux2Pipeline(
         parts.transformer,
         parts.autoencoder,
@@ -436,7 +437,7 @@ def load_pipeline(
         model_id=parts.model_id,
         device=device,
         cache=cache,
-        parallel=context_parallel,
+        parallel=split,
     )
     if needs_placement(device, vram=vram, offload=offload, quantize=quantize) or embed_cache is not None:
         place_pipeline(

@@ -9,8 +9,8 @@ import torch
 from featherflux.errors import UserError
 from featherflux.model.config import DiTConfig
 from featherflux.model.dit import Flux2
-from featherflux.parallel import ContextParallel, init_mesh
-from featherflux.parallel.group import mesh_degrees
+from featherflux.parallel import parallelize
+from featherflux.parallel.group import init_mesh, mesh_degrees
 from tests.parallel.ranks import run_ranks
 
 # four heads, so Ulysses works on 2 and 4 ranks
@@ -18,7 +18,10 @@ DIT = DiTConfig(
     in_channels=8, context_in_dim=24, hidden_size=64, num_heads=4, depth=2, depth_single_blocks=2,
     axes_dim=(4, 4, 4, 4), guidance_embed=True,
 )
-MODES = {2: [("ulysses", None), ("ring", None)], 4: [("ulysses", None), ("ring", None), ("usp", 2)]}
+MODES = {
+    2: [("ulysses", None), ("ring", None), ("cfg", None)],
+    4: [("ulysses", None), ("ring", None), ("usp", 2), ("cfg+ulysses", None), ("cfg+ring", None)],
+}
 
 
 def _ids(batch: int, n: int, t: int = 0) -> torch.Tensor:
@@ -45,8 +48,10 @@ def _dit_cases(rank, world):
         plain_kv, cache = dit.forward_kv_extract(both, both_ids, t, ctx, ctx_ids, R, guidance)
         plain_cached = dit.forward_kv_cached(x, x_ids, t * 0.5, ctx, ctx_ids, cache, guidance)
         for mode, degree in MODES[world]:
-            split = ContextParallel(copy.deepcopy(dit), init_mesh(mode, DIT.num_heads, degree))
+            split = parallelize(copy.deepcopy(dit), mode, degree)
             torch.testing.assert_close(split(x, x_ids, t, ctx, ctx_ids, guidance), plain, atol=1e-5, rtol=0)
+            one = split(x[:1], x_ids[:1], t[:1], ctx[:1], ctx_ids[:1], guidance[:1])  # a batch that does not halve
+            torch.testing.assert_close(one, plain[:1], atol=1e-5, rtol=0)
             out, split_cache = split.forward_kv_extract(both, both_ids, t, ctx, ctx_ids, R, guidance)
             torch.testing.assert_close(out, plain_kv, atol=1e-5, rtol=0)
             cached = split.forward_kv_cached(x, x_ids, t * 0.5, ctx, ctx_ids, split_cache, guidance)
@@ -75,7 +80,7 @@ def _pipeline_cases(rank, world, folders, mode):
             np.testing.assert_allclose(b, a, atol=1e-4, rtol=0, err_msg=f"{kind}, {n_refs} references")
 
 
-@pytest.mark.parametrize("world,mode", [(2, "ulysses"), (4, "usp")])
+@pytest.mark.parametrize("world,mode", [(2, "ulysses"), (4, "usp"), (4, "cfg+ring")])
 def test_split_pipelines_make_the_single_process_image(tmp_path_factory, tmp_path, world, mode):
     from tests.tiny import tiny_pipeline_dir
 
@@ -86,9 +91,15 @@ def test_split_pipelines_make_the_single_process_image(tmp_path_factory, tmp_pat
 
 
 def test_degrees_that_do_not_work_name_the_ones_that_do():
-    assert mesh_degrees("usp", 8, None, 24) == (8, 1)
-    assert mesh_degrees("usp", 4, 2, 24) == (2, 2)
-    assert mesh_degrees("ring", 3, None, 2) == (1, 3)
+    assert mesh_degrees("usp", 8, None, 24) == (1, 8, 1)
+    assert mesh_degrees("usp", 4, 2, 24) == (1, 2, 2)
+    assert mesh_degrees("ring", 3, None, 2) == (1, 1, 3)
+    assert mesh_degrees("cfg+usp", 8, 2, 24) == (2, 2, 2)
+    assert mesh_degrees("cfg", 2, None, 24) == (2, 1, 1)
+    with pytest.raises(UserError, match="cfg\\+ulysses, cfg\\+ring or cfg\\+usp"):
+        mesh_degrees("cfg", 4, None, 24)
+    with pytest.raises(UserError, match="start an even number"):
+        mesh_degrees("cfg+ring", 3, None, 24)
     with pytest.raises(UserError, match="divides 24"):
         mesh_degrees("ulysses", 5, None, 24)
     with pytest.raises(UserError, match="degrees that work: 1, 2, 3, 6"):

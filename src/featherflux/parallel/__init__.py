@@ -1,11 +1,57 @@
 """One image on several processes (GPUs, or CPU processes on gloo), on `torch.distributed`, launched by `torchrun`.
 
-- `group`: the process group and the 2-D mesh of Ulysses (heads) and ring (K/V passing) degrees.
+- `group`: the process group and the mesh of CFG halves, Ulysses (heads) and ring (K/V passing) degrees.
 - `context`: context parallelism: the DiT's text and image sequences split across ranks, attention made whole again
   by an all-to-all (Ulysses), by passing K/V around a ring, or both (USP).
+- `cfg`: the conditional and unconditional passes of true CFG on two halves of the processes.
+- `parallelize` wraps a DiT for a mode; the wrapper takes the DiT's calls on whole tensors, so the sampling loops
+  do not know about it.
 """
 
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from featherflux.parallel.cfg import CfgParallel
 from featherflux.parallel.context import ContextParallel
 from featherflux.parallel.group import PARALLEL_MODES, Mesh, check_mode, init_mesh, rank_device
 
-__all__ = ["PARALLEL_MODES", "ContextParallel", "Mesh", "check_mode", "init_mesh", "rank_device"]
+__all__ = ["PARALLEL_MODES", "Mesh", "ParallelDiT", "check_mode", "is_main_process", "parallelize", "rank_device"]
+
+
+class ParallelDiT(nn.Module):
+    """A DiT run by every process of `mesh`: the same calls and results as the DiT itself."""
+
+    def __init__(self, dit: nn.Module, mesh: Mesh):
+        super().__init__()
+        self.mesh = mesh
+        inner = ContextParallel(dit, mesh) if mesh.context_world > 1 else dit
+        self.split = CfgParallel(inner, mesh) if mesh.cfg > 1 else inner
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        return self.split(*args, **kwargs)
+
+    def forward_kv_extract(self, *args, **kwargs):
+        return self.split.forward_kv_extract(*args, **kwargs)
+
+    def forward_kv_cached(self, *args, **kwargs):
+        return self.split.forward_kv_cached(*args, **kwargs)
+
+    def broadcast(self, x: Tensor) -> Tensor:
+        """Rank 0's `x` on every rank (noise and prompt embeddings, so that every rank makes the same image)."""
+        x = x.contiguous()
+        dist.broadcast(x, src=0)
+        return x
+
+
+def parallelize(dit: nn.Module, mode: str, degree: int | None = None, device: str | torch.device | None = None):
+    """`dit` split across the processes of this run as `mode` says (see `featherflux.parallel.group`)."""
+    mesh = init_mesh(mode, dit.config.num_heads, degree, None if device is None else str(device))
+    return ParallelDiT(dit, mesh)
+
+
+def is_main_process() -> bool:
+    """True outside a parallel run, and on rank 0 of one: the process that writes files and prints results."""
+    return not dist.is_initialized() or dist.get_rank() == 0

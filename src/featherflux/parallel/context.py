@@ -123,8 +123,8 @@ class SequenceParallelAttention:
         """Online-softmax attention of my queries over every column member's keys, passed around the ring."""
         m = self.mesh
         column = m.column()
-        me = column.index(m.rank)
-        nxt, prev = column[(me + 1) % m.ring], column[(me - 1) % m.ring]
+        me = column.index(m.context_rank)
+        nxt, prev = m.global_rank(column[(me + 1) % m.ring]), m.global_rank(column[(me - 1) % m.ring])
         kv = torch.stack([k, v])
         out = lse = None
         for step in range(m.ring):
@@ -166,24 +166,19 @@ class ContextParallel(nn.Module):
         for block in dit.repeated_blocks():
             block.attend = self.attention
 
-    def broadcast(self, x: Tensor) -> Tensor:
-        """Rank 0's `x` on every rank."""
-        x = x.contiguous()
-        dist.broadcast(x, src=0)
-        return x
-
     def _slices(self, x: Tensor, ids: Tensor, stream: Stream, batch: int) -> tuple[Tensor, Tensor]:
         ids = _batched(ids).expand(batch, -1, -1)
-        return stream.slice(x, self.mesh.rank), stream.slice(ids, self.mesh.rank)
+        rank = self.mesh.context_rank
+        return stream.slice(x, rank), stream.slice(ids, rank)
 
     def _gather(self, local: Tensor, stream: Stream) -> Tensor:
         """Every rank's output slice, concatenated and unpadded: (B, stream.length, C) on every rank."""
-        parts = [torch.empty_like(local) for _ in range(self.mesh.world)]
-        dist.all_gather(parts, local.contiguous())
+        parts = [torch.empty_like(local) for _ in range(self.mesh.context_world)]
+        dist.all_gather(parts, local.contiguous(), group=self.mesh.context_group)
         return torch.cat(parts, dim=1)[:, : stream.length]
 
     def forward(self, x, x_ids, timesteps, ctx, ctx_ids, guidance=None, step_cache=None) -> Tensor:
-        world, batch = self.mesh.world, x.shape[0]
+        world, batch = self.mesh.context_world, x.shape[0]
         img, txt = Stream.of(x.shape[1], world), Stream.of(ctx.shape[1], world)
         x, x_ids = self._slices(x, x_ids, img, batch)
         ctx, ctx_ids = self._slices(ctx, ctx_ids, txt, batch)
@@ -191,7 +186,7 @@ class ContextParallel(nn.Module):
         return self._gather(self.dit(x, x_ids, timesteps, ctx, ctx_ids, guidance, step_cache), img)
 
     def forward_kv_extract(self, x, x_ids, timesteps, ctx, ctx_ids, num_ref: int, guidance=None):
-        world, batch = self.mesh.world, x.shape[0]
+        world, batch = self.mesh.context_world, x.shape[0]
         ref = Stream.of(num_ref, world)
         x_ids = _batched(x_ids).expand(batch, -1, -1)
         ref_x, ref_ids = self._slices(x[:, :num_ref], x_ids[:, :num_ref], ref, batch)
@@ -202,7 +197,7 @@ class ContextParallel(nn.Module):
         return out, cache
 
     def forward_kv_cached(self, x, x_ids, timesteps, ctx, ctx_ids, kv_cache: RefKVCache, guidance=None) -> Tensor:
-        world, batch = self.mesh.world, x.shape[0]
+        world, batch = self.mesh.context_world, x.shape[0]
         img, txt = Stream.of(x.shape[1], world), Stream.of(ctx.shape[1], world)
         x, x_ids = self._slices(x, x_ids, img, batch)
         ctx, ctx_ids = self._slices(ctx, ctx_ids, txt, batch)
