@@ -404,6 +404,8 @@ def load_pipeline(
     check_parallel(parallel)
     if parallel is not None:
         device = rank_device(device)
+        if "tensor" in parallel.split("+") and mmap is None:
+            mmap = True  # each rank reads only the pages of its slices of the weights
     if cache is not None and cache not in CACHE_METHODS:
         raise UserError(f"unknown cache method {cache!r}; use one of {', '.join(CACHE_METHODS)} (or None)")
     parts = load_components(

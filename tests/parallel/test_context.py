@@ -19,8 +19,11 @@ DIT = DiTConfig(
     axes_dim=(4, 4, 4, 4), guidance_embed=True,
 )
 MODES = {
-    2: [("ulysses", None), ("ring", None), ("cfg", None)],
-    4: [("ulysses", None), ("ring", None), ("usp", 2), ("cfg+ulysses", None), ("cfg+ring", None)],
+    2: [("ulysses", None), ("ring", None), ("cfg", None), ("tensor", None)],
+    4: [
+        ("ulysses", None), ("ring", None), ("usp", 2), ("cfg+ulysses", None), ("cfg+ring", None), ("tensor", None),
+        ("tensor+ulysses", 2), ("tensor+ring", 2), ("cfg+tensor", None),
+    ],
 }
 
 
@@ -56,6 +59,19 @@ def _dit_cases(rank, world):
             torch.testing.assert_close(out, plain_kv, atol=1e-5, rtol=0)
             cached = split.forward_kv_cached(x, x_ids, t * 0.5, ctx, ctx_ids, split_cache, guidance)
             torch.testing.assert_close(cached, plain_cached, atol=1e-5, rtol=0)
+            if mode == "tensor":  # each rank holds 1/N of every block, and the small rest whole
+                assert _block_bytes(split) * world == _block_bytes(dit)
+                assert _bytes(split) - _block_bytes(split) == _bytes(dit) - _block_bytes(dit)
+
+
+def _bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _block_bytes(module) -> int:
+    """Bytes of the blocks' projections (their per-head QK-norm scales are whole on every rank)."""
+    blocks = [m for m in module.modules() if type(m).__name__ in ("DoubleStreamBlock", "SingleStreamBlock")]
+    return sum(p.numel() * p.element_size() for b in blocks for n, p in b.named_parameters() if "norm" not in n)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -80,7 +96,7 @@ def _pipeline_cases(rank, world, folders, mode):
             np.testing.assert_allclose(b, a, atol=1e-4, rtol=0, err_msg=f"{kind}, {n_refs} references")
 
 
-@pytest.mark.parametrize("world,mode", [(2, "ulysses"), (4, "usp"), (4, "cfg+ring")])
+@pytest.mark.parametrize("world,mode", [(2, "ulysses"), (4, "usp"), (4, "cfg+tensor")])
 def test_split_pipelines_make_the_single_process_image(tmp_path_factory, tmp_path, world, mode):
     from tests.tiny import tiny_pipeline_dir
 
@@ -91,12 +107,16 @@ def test_split_pipelines_make_the_single_process_image(tmp_path_factory, tmp_pat
 
 
 def test_degrees_that_do_not_work_name_the_ones_that_do():
-    assert mesh_degrees("usp", 8, None, 24) == (1, 8, 1)
-    assert mesh_degrees("usp", 4, 2, 24) == (1, 2, 2)
-    assert mesh_degrees("ring", 3, None, 2) == (1, 1, 3)
-    assert mesh_degrees("cfg+usp", 8, 2, 24) == (2, 2, 2)
-    assert mesh_degrees("cfg", 2, None, 24) == (2, 1, 1)
-    with pytest.raises(UserError, match="cfg\\+ulysses, cfg\\+ring or cfg\\+usp"):
+    assert mesh_degrees("usp", 8, None, 24) == (1, 1, 8, 1)
+    assert mesh_degrees("usp", 4, 2, 24) == (1, 1, 2, 2)
+    assert mesh_degrees("ring", 3, None, 2) == (1, 1, 1, 3)
+    assert mesh_degrees("cfg+usp", 8, 2, 24) == (2, 1, 2, 2)
+    assert mesh_degrees("cfg", 2, None, 24) == (2, 1, 1, 1)
+    assert mesh_degrees("tensor", 4, None, 48, 18432) == (1, 4, 1, 1)
+    assert mesh_degrees("cfg+tensor+ulysses", 8, 2, 48, 18432) == (2, 2, 2, 1)
+    with pytest.raises(UserError, match="degrees that work: 1, 2, 4"):
+        mesh_degrees("tensor+ring", 8, 8, 12, 64)
+    with pytest.raises(UserError, match="cfg\\+usp or cfg\\+tensor"):
         mesh_degrees("cfg", 4, None, 24)
     with pytest.raises(UserError, match="start an even number"):
         mesh_degrees("cfg+ring", 3, None, 24)

@@ -21,6 +21,7 @@ from featherflux.cli.options import (
     add_compile,
     add_device,
     add_download,
+    add_parallel,
     add_placement,
     add_text_encoder,
     pipeline_options,
@@ -28,6 +29,7 @@ from featherflux.cli.options import (
 from featherflux.errors import UserError
 from featherflux.images import open_reference_image, save_png
 from featherflux.loading import demo_folder
+from featherflux.parallel import is_main_process
 from featherflux.pipeline import load_pipeline
 from featherflux.request import (
     CACHE_METHODS,
@@ -68,6 +70,7 @@ def register(subparsers) -> None:
     add_device(p)
     add_attention(p)
     add_compile(p)
+    add_parallel(p)
     add_download(p)
     add_text_encoder(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             pipe = load_pipeline(model, embed_cache=args.embed_cache, transformer=args.transformer, mmap=args.mmap,
                                  **pipeline_options(args))
-            if pipe.placement is not None:
+            if pipe.placement is not None and is_main_process():
                 print(f"featherflux: memory plan: {pipe.placement.plan.explanation}", file=sys.stderr)
             for lora_path, lora_scale in args.lora:
                 pipe.load_lora(lora_path, scale=lora_scale)
@@ -144,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
                 pictures += references
                 (upsampled,) = pipe.upsample_prompt(args.prompt, [pictures] if pictures else None, args.upsample)
                 prompt = upsampled
-                print(f"featherflux: upsampled prompt: {upsampled}", file=sys.stderr)
+                if is_main_process():
+                    print(f"featherflux: upsampled prompt: {upsampled}", file=sys.stderr)
             call = {
                 "width": args.width,
                 "height": args.height,
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 "num_images_per_prompt": args.num_images,
                 "cache": args.cache,
                 "cache_threshold": args.cache_threshold,
+                "show_progress": is_main_process(),
             }
             if init is None:
                 request = pipe.request(prompt, image=references or None, **call)
@@ -163,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
                     strength=args.strength, **call,
                 )
             images = pipe.generate(request)
+            if not is_main_process():  # every rank made the same images; one writes them
+                return 0
             for i, (image, path) in enumerate(zip(images, paths)):
                 parameters = request.image_parameters(
                     prompt=args.prompt,

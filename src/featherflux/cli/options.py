@@ -12,6 +12,7 @@ import torch
 
 from featherflux.memory.planner import QUANTIZE_MODES as PLANNER_QUANTIZE_MODES
 from featherflux.model.attention import BACKENDS as ATTENTION_BACKENDS
+from featherflux.parallel import PARALLEL_MODES
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -26,7 +27,7 @@ QUANTIZE_MODES = tuple(mode for mode in PLANNER_QUANTIZE_MODES if mode)  # "none
 # load_pipeline keyword arguments that a flag of the same name (dashes for underscores) sets when given
 PIPELINE_FLAGS = (
     "vram", "ram", "offload", "quantize", "text_encoder", "text_encoder_token", "download", "revision", "attention",
-    "compile",
+    "compile", "parallel", "parallel_degree",
 )
 
 
@@ -69,6 +70,16 @@ def add_compile(p: argparse.ArgumentParser) -> None:
         help="compile the DiT's blocks (the first image of each size pays for it); --compile=max also autotunes and "
         "uses CUDA graphs",
     )
+
+
+def add_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--parallel",
+        choices=PARALLEL_MODES,
+        help="split each image across the processes torchrun started: ulysses (heads), ring (K/V ring), usp (both), "
+        "cfg (the two guidance passes), or cfg+ one of them; rank 0 writes the files",
+    )
+    p.add_argument("--parallel-degree", type=int, metavar="N", help="with --parallel usp: its Ulysses degree")
 
 
 def compile_mode(value: str) -> str:

@@ -4,6 +4,7 @@
 - `context`: context parallelism: the DiT's text and image sequences split across ranks, attention made whole again
   by an all-to-all (Ulysses), by passing K/V around a ring, or both (USP).
 - `cfg`: the conditional and unconditional passes of true CFG on two halves of the processes.
+- `tensor`: every block's weights split across a group of ranks (Megatron-style column and row slices).
 - `parallelize` wraps a DiT for a mode; the wrapper takes the DiT's calls on whole tensors, so the sampling loops
   do not know about it.
 """
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from featherflux.parallel.cfg import CfgParallel
 from featherflux.parallel.context import ContextParallel
 from featherflux.parallel.group import PARALLEL_MODES, Mesh, check_mode, init_mesh, rank_device
+from featherflux.parallel.tensor import shard_blocks
 
 __all__ = ["PARALLEL_MODES", "Mesh", "ParallelDiT", "check_mode", "is_main_process", "parallelize", "rank_device"]
 
@@ -27,6 +29,8 @@ class ParallelDiT(nn.Module):
     def __init__(self, dit: nn.Module, mesh: Mesh):
         super().__init__()
         self.mesh = mesh
+        if mesh.tensor > 1:
+            shard_blocks(dit, mesh)
         inner = ContextParallel(dit, mesh) if mesh.context_world > 1 else dit
         self.split = CfgParallel(inner, mesh) if mesh.cfg > 1 else inner
 
@@ -48,7 +52,8 @@ class ParallelDiT(nn.Module):
 
 def parallelize(dit: nn.Module, mode: str, degree: int | None = None, device: str | torch.device | None = None):
     """`dit` split across the processes of this run as `mode` says (see `featherflux.parallel.group`)."""
-    mesh = init_mesh(mode, dit.config.num_heads, degree, None if device is None else str(device))
+    c = dit.config
+    mesh = init_mesh(mode, c.num_heads, degree, None if device is None else str(device), mlp_hidden=c.mlp_hidden_dim)
     return ParallelDiT(dit, mesh)
 
 

@@ -6,7 +6,8 @@
 - A `Mesh` arranges the ranks in up to two CFG halves (with "cfg", each half runs one of the two guidance
   passes), each a grid of `ring` rows of `ulysses` ranks: ranks next to each other share one Ulysses all-to-all
   (they swap heads for sequence), ranks in the same column pass K/V around one ring. Plain Ulysses is one row,
-  plain ring one column; USP uses both.
+  plain ring one column; USP uses both. With "tensor", each place in that grid is a group of ranks that each hold
+  a slice of every block's weights (`featherflux.parallel.tensor`).
 - Collectives time out (`timeout_s`) instead of waiting forever for a rank that died or hangs.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -22,23 +23,27 @@ import torch.distributed as dist
 from featherflux.errors import UserError
 
 CONTEXT_MODES = ("ulysses", "ring", "usp")
-# "cfg" combines with one context mode: "cfg+ulysses", "cfg+ring", "cfg+usp"
-PARALLEL_MODES = (*CONTEXT_MODES, "cfg", *(f"cfg+{mode}" for mode in CONTEXT_MODES))
+_SPLITS = (*CONTEXT_MODES, "tensor", "tensor+ulysses", "tensor+ring")
+# "cfg" combines with any of them: "cfg+ring", "cfg+tensor+ulysses", ...
+PARALLEL_MODES = (*_SPLITS, "cfg", *(f"cfg+{mode}" for mode in _SPLITS))
 TORCHRUN_HINT = "torchrun --nproc-per-node 2 -m featherflux generate PROMPT --model M --parallel ulysses"
 DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
 class Mesh:
-    """This rank's place among `world` ranks: `cfg` halves (1 or 2) of `ring` x `ulysses` context grids.
+    """This rank's place among `world` ranks: `cfg` halves (1 or 2), each a `ring` x `ulysses` grid of context ranks,
+    each context rank a group of `tensor` ranks that share its weights.
 
-    rank = cfg_index * context_world + ring_index * ulysses + ulysses_index. Row, column and context ranks are
-    numbered within this rank's context grid; `global_rank` turns them into process-group ranks.
+    rank = (cfg_index * context_world + context_rank) * tensor + tensor_index, with context_rank = ring_index *
+    ulysses + ulysses_index: tensor-parallel ranks sit next to each other (one node, the fastest links). Row, column
+    and context ranks are numbered within this rank's grid; `global_rank` turns them into process-group ranks.
     """
 
     rank: int
     world: int
     cfg: int
+    tensor: int
     ulysses: int
     ring: int
     device: torch.device
@@ -46,18 +51,23 @@ class Mesh:
     ring_group: object = None  # this rank's column (None when ring == 1)
     context_group: object = None  # this rank's whole grid (None when it is one rank)
     cfg_group: object = None  # this rank and its twin in the other CFG half (None without cfg)
+    tensor_group: object = None  # the ranks that hold the other slices of this rank's weights (None when tensor == 1)
 
     @property
     def context_world(self) -> int:
         return self.ulysses * self.ring
 
     @property
+    def tensor_index(self) -> int:
+        return self.rank % self.tensor
+
+    @property
     def context_rank(self) -> int:
-        return self.rank % self.context_world
+        return self.rank // self.tensor % self.context_world
 
     @property
     def cfg_index(self) -> int:
-        return self.rank // self.context_world
+        return self.rank // (self.tensor * self.context_world)
 
     @property
     def ulysses_index(self) -> int:
@@ -68,7 +78,7 @@ class Mesh:
         return self.context_rank // self.ulysses
 
     def global_rank(self, context_rank: int) -> int:
-        return self.cfg_index * self.context_world + context_rank
+        return (self.cfg_index * self.context_world + context_rank) * self.tensor + self.tensor_index
 
     def row(self) -> list[int]:
         """The context ranks of this rank's Ulysses all-to-all, in order."""
@@ -93,52 +103,82 @@ def rank_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def mesh_degrees(mode: str, world: int, degree: int | None, num_heads: int) -> tuple[int, int, int]:
-    """(cfg, ulysses, ring) degrees for `mode` over `world` ranks. `degree` is the Ulysses degree of "usp" (None:
-    the largest that divides both its ranks and the head count); for the other modes it must equal their ranks."""
+def _divisors(n: int, *of: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0 and all(k % d == 0 for k in of)]
+
+
+def mesh_degrees(
+    mode: str, world: int, degree: int | None, num_heads: int, mlp_hidden: int | None = None
+) -> tuple[int, int, int, int]:
+    """(cfg, tensor, ulysses, ring) degrees for `mode` over `world` ranks. `degree` is the Ulysses degree of "usp"
+    and the tensor degree of "tensor+ulysses" / "tensor+ring" (None: the largest that works for usp, 2 for tensor);
+    for the other modes it must equal the ranks of a pass."""
     check_mode(mode)
-    cfg = 2 if mode.startswith("cfg") else 1
-    context = mode.removeprefix("cfg").removeprefix("+") or None
+    parts = mode.split("+")
+    cfg = 2 if "cfg" in parts else 1
+    context = next((p for p in parts if p in CONTEXT_MODES), None)
+    tensor_parallel = "tensor" in parts
     if world % cfg:
         raise UserError(
             f"cfg parallelism runs the conditional and the unconditional pass on two halves of the processes; "
             f"{world} processes do not halve: start an even number"
         )
     ranks = world // cfg
-    if context is None:
+    if context is None and not tensor_parallel:
         if ranks != 1:
             raise UserError(
                 f"parallel='cfg' uses exactly 2 processes, not {world}; for more, split each pass as well: "
-                f"cfg+ulysses, cfg+ring or cfg+usp"
+                f"cfg+ulysses, cfg+ring, cfg+usp or cfg+tensor"
             )
-        return cfg, 1, 1
+        return cfg, 1, 1, 1
+    tensor = 1
+    if tensor_parallel:
+        works = _divisors(ranks, num_heads, mlp_hidden or num_heads)
+        tensor = ranks if context is None else (degree if degree is not None else 2)
+        if context is None and degree is not None and degree != ranks:
+            raise UserError(f"parallel_degree={degree} but tensor parallelism splits the weights over all {ranks}")
+        if tensor not in works or (context is not None and tensor == ranks):
+            raise UserError(
+                f"a tensor degree of {tensor} does not split the DiT's {num_heads} heads over {ranks} ranks per pass"
+                f"{' and leave ranks for ' + context if context else ''}; degrees that work: "
+                f"{', '.join(str(d) for d in works if context is None or d < ranks)}"
+            )
+        ranks //= tensor
+        if context is None:
+            return cfg, tensor, 1, 1
+    heads = num_heads // tensor  # what each context rank's attention holds
     if context == "usp":
-        choices = [d for d in range(1, ranks + 1) if ranks % d == 0 and num_heads % d == 0]
+        choices = _divisors(ranks, heads)
         ulysses = degree if degree is not None else max(choices)
         if ulysses not in choices:
             raise UserError(
                 f"a Ulysses degree of {ulysses} does not divide the {ranks} ranks of a pass and the DiT's "
-                f"{num_heads} heads; degrees that work: {', '.join(map(str, choices))}"
+                f"{heads} heads; degrees that work: {', '.join(map(str, choices))}"
             )
-        return cfg, ulysses, ranks // ulysses
-    if degree is not None and degree != ranks:
+        return cfg, tensor, ulysses, ranks // ulysses
+    if degree is not None and degree != ranks and not tensor_parallel:
         raise UserError(
             f"parallel_degree={degree} but {ranks} processes split each pass; {context} uses all of them (start "
             f"{degree * cfg} with torchrun --nproc-per-node {degree * cfg}, or leave parallel_degree unset)"
         )
     if context == "ulysses":
-        if num_heads % ranks:
-            works = [d for d in range(1, num_heads + 1) if num_heads % d == 0 and d <= 64]
+        if heads % ranks:
+            works = [d for d in _divisors(heads) if d <= 64]
             raise UserError(
-                f"Ulysses splits the DiT's {num_heads} heads across ranks, so {ranks} ranks per pass do not work; "
-                f"use a number that divides {num_heads} ({', '.join(map(str, works))}), or ring (any count) or usp"
+                f"Ulysses splits the DiT's {heads} heads across ranks, so {ranks} ranks per pass do not work; "
+                f"use a number that divides {heads} ({', '.join(map(str, works))}), or ring (any count) or usp"
             )
-        return cfg, ranks, 1
-    return cfg, 1, ranks
+        return cfg, tensor, ranks, 1
+    return cfg, tensor, 1, ranks
 
 
 def init_mesh(
-    mode: str, num_heads: int, degree: int | None = None, device: str | None = None, timeout_s: float | None = None
+    mode: str,
+    num_heads: int,
+    degree: int | None = None,
+    device: str | None = None,
+    timeout_s: float | None = None,
+    mlp_hidden: int | None = None,
 ) -> Mesh:
     """Join (or reuse) the process group and arrange its ranks for `mode`."""
     if not dist.is_initialized():
@@ -153,34 +193,38 @@ def init_mesh(
             "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
         )
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg, ulysses, ring = mesh_degrees(mode, world, degree, num_heads)
+    cfg, tensor, ulysses, ring = mesh_degrees(mode, world, degree, num_heads, mlp_hidden)
     if device is None:
         cuda = dist.get_backend() == "nccl"
         device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
     size = ulysses * ring
+
+    def at(half: int, context_rank: int, tensor_index: int) -> int:
+        return (half * size + context_rank) * tensor + tensor_index
+
     # every rank makes every group, in the same order, as torch.distributed requires; each keeps its own
     groups = {}
     for half in range(cfg):
-        base = half * size
-        for r in range(ring):
-            groups[("row", half, r)] = _group([base + r * ulysses + u for u in range(ulysses)])
-        for u in range(ulysses):
-            groups[("column", half, u)] = _group([base + u + ulysses * i for i in range(ring)])
-        groups[("context", half)] = _group(list(range(base, base + size)))
-    for i in range(size):
-        groups[("cfg", i)] = _group([half * size + i for half in range(cfg)])
-    half, local = rank // size, rank % size
-    return Mesh(
-        rank,
-        world,
-        cfg,
-        ulysses,
-        ring,
-        torch.device(device),
-        ulysses_group=groups[("row", half, local // ulysses)],
-        ring_group=groups[("column", half, local % ulysses)],
-        context_group=groups[("context", half)],
-        cfg_group=groups[("cfg", local)],
+        for t in range(tensor):
+            for r in range(ring):
+                groups[("row", half, t, r)] = _group([at(half, r * ulysses + u, t) for u in range(ulysses)])
+            for u in range(ulysses):
+                groups[("column", half, t, u)] = _group([at(half, u + ulysses * i, t) for i in range(ring)])
+            groups[("context", half, t)] = _group([at(half, c, t) for c in range(size)])
+        for c in range(size):
+            groups[("tensor", half, c)] = _group([at(half, c, t) for t in range(tensor)])
+    for c in range(size):
+        for t in range(tensor):
+            groups[("cfg", c, t)] = _group([at(half, c, t) for half in range(cfg)])
+    mesh = Mesh(rank, world, cfg, tensor, ulysses, ring, torch.device(device))
+    half, c, t = mesh.cfg_index, mesh.context_rank, mesh.tensor_index
+    return replace(
+        mesh,
+        ulysses_group=groups[("row", half, t, mesh.ring_index)],
+        ring_group=groups[("column", half, t, mesh.ulysses_index)],
+        context_group=groups[("context", half, t)],
+        cfg_group=groups[("cfg", c, t)],
+        tensor_group=groups[("tensor", half, c)],
     )
 
 
