@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from featherflux.errors import WeightsError
 from featherflux.loading import resolve_family
 from featherflux.loading.dit import load_gguf_transformer
-from featherflux.memory.gguf import GGUFLinear, dequantize
+from featherflux.memory.gguf import SUPPORTED_FORMATS, GGUFLinear, dequantize, dequantizer
 from featherflux.memory.planner import plan
 from featherflux.model.config import FAMILIES, DiTConfig
 from featherflux.model.dit import Flux2
@@ -32,6 +33,8 @@ def _random_blocks(kind, n_blocks, rng):
     size, nbytes = gguf.GGML_QUANT_SIZES[kind]
     raw = rng.integers(0, 256, size=(n_blocks, nbytes), dtype=np.uint8)
     scale_offsets = {
+        Q.Q2_K: (80, 82),
+        Q.Q3_K: (108,),
         Q.Q4_K: (0, 2),
         Q.Q5_K: (0, 2),
         Q.Q6_K: (208,),
@@ -48,13 +51,37 @@ def _random_blocks(kind, n_blocks, rng):
     return raw, size
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
-def test_torch_dequantisers_match_the_gguf_package(kind):
-    kind = Q[kind]
-    raw, _ = _random_blocks(kind, 8, np.random.default_rng(0))
-    expected = gguf.quants.dequantize(raw.reshape(2, -1), kind)  # 2 rows
-    ours = dequantize(torch.from_numpy(raw.reshape(2, -1)), int(kind), expected.shape, torch.float32)
-    np.testing.assert_array_equal(ours.numpy(), expected)
+ISSUE_FORMATS = ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q4_0", "Q5_0", "Q3_K", "Q2_K"]
+
+
+def test_every_listed_format_has_a_torch_kernel():
+    assert set(ISSUE_FORMATS) <= set(SUPPORTED_FORMATS)
+
+
+def _blocks(kind, rng):
+    """2 rows of 4 blocks of `kind`: the gguf package's quantization of random values where it can quantize the
+    format, else random raw blocks."""
+    size, _ = gguf.GGML_QUANT_SIZES[kind]
+    try:
+        return gguf.quants.quantize(rng.standard_normal((2, 4 * size)).astype(np.float32), kind)
+    except NotImplementedError:
+        return _random_blocks(kind, 8, rng)[0].reshape(2, -1)
+
+
+@pytest.mark.parametrize("kind", sorted(set(ISSUE_FORMATS) | set(SUPPORTED_FORMATS)))
+@pytest.mark.parametrize("source", ["quantized", "random"])
+def test_torch_dequantisers_match_the_gguf_package(kind, source):
+    kind, rng = Q[kind], np.random.default_rng(0)
+    raw = _blocks(kind, rng) if source == "quantized" else _random_blocks(kind, 8, rng)[0].reshape(2, -1)
+    expected = gguf.quants.dequantize(raw, kind)
+    assert expected.shape == (2, 4 * gguf.GGML_QUANT_SIZES[kind][0]) and np.isfinite(expected).all()
+    ours = dequantize(torch.from_numpy(raw), int(kind), expected.shape, torch.float32)
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+def test_a_format_with_no_torch_kernel_is_refused():
+    with pytest.raises(WeightsError, match=r"TQ1_0.*supported quantized formats: .*Q2_K"):
+        dequantizer(int(Q.TQ1_0))
 
 
 def _write_gguf(path, model, qtype, prefix="model.diffusion_model."):
@@ -127,3 +154,38 @@ def test_bad_gguf_is_a_weights_error(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF" + b"\0" * 10)
     with pytest.raises(WeightsError, match="x.gguf"):
         load_gguf_transformer(tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("kind", ["TQ1_0", "IQ4_NL"])
+def test_gguf_with_an_unsupported_format_is_refused_before_loading(tmp_path, monkeypatch, kind):
+    from featherflux.loading import dit
+
+    torch.manual_seed(0)
+    model = Flux2(GGUF_DIT)
+    state = model.state_dict()
+    path = tmp_path / f"flux-2-tiny-{kind}.gguf"
+    w = gguf.GGUFWriter(str(path), "flux")
+    for name, t in state.items():
+        arr = t.float().numpy()
+        if name == "img_in.weight":  # raw blocks of the unsupported format (any bytes: never dequantised)
+            size, nbytes = gguf.GGML_QUANT_SIZES[Q[kind]]
+            raw = np.zeros((arr.shape[0], arr.shape[1] // size * nbytes), dtype=np.uint8)
+            w.add_tensor("model.diffusion_model." + name, raw, raw_dtype=Q[kind])
+        elif t.ndim == 2 and name.endswith(".weight"):
+            w.add_tensor("model.diffusion_model." + name, gguf.quants.quantize(arr, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor("model.diffusion_model." + name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("tensor data read before the format check")
+
+    monkeypatch.setattr(dit, "read_gguf", no_read)
+    with pytest.raises(WeightsError) as caught:
+        load_gguf_transformer(path)
+    message = str(caught.value)
+    assert "img_in.weight" in message and kind in message and path.name in message
+    assert all(f in message for f in SUPPORTED_FORMATS)

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from featherflux.errors import MissingWeightsError, WeightsError
-from featherflux.memory.gguf import GGUFLinear, dequantize
+from featherflux.memory.gguf import GGUFLinear, dequantize, supports, unsupported_format_error
 from featherflux.memory.quant import Float8Linear
 from featherflux.model.config import DiTConfig, FamilyConfig
 from featherflux.model.dit import Flux2
 from featherflux.model.swap import assign_tensor, replace_module
 from featherflux.weights.fp8 import is_bfl_fp8, read_bfl_fp8
-from featherflux.weights.gguf import gguf_summary, read_gguf
+from featherflux.weights.gguf import FLOAT_FORMATS, gguf_formats, gguf_summary, read_gguf
 from featherflux.weights.io import check_keys, materialize, mmap_safetensors, open_checkpoint, read_tensor
 from featherflux.weights.io import safetensors_header as read_header
 from featherflux.weights.transformer import (
@@ -133,6 +133,14 @@ def _meta_dit(config: DiTConfig, shapes: dict[str, tuple[int, ...]], source) -> 
     return model
 
 
+def check_gguf_formats(path: str | Path) -> None:
+    """A `WeightsError` naming the first tensor of a GGUF file whose quantized format has no torch dequantiser
+    (`memory.gguf.SUPPORTED_FORMATS`), read from the header alone."""
+    for name, fmt in gguf_formats(path).items():
+        if fmt not in FLOAT_FORMATS and not supports(fmt):
+            raise unsupported_format_error(fmt, name, path)
+
+
 def load_gguf_transformer(
     path: str | Path,
     *,
@@ -144,7 +152,9 @@ def load_gguf_transformer(
     """A `Flux2` DiT from a GGUF file: quantized Linear weights stay quantized (`GGUFLinear`), the rest in `dtype`.
 
     `config`: the architecture expected (e.g. the pipeline folder's); None = the file's (a named family's when the
-    shapes are one). `mmap=True` (host only): quantized blocks stay views of a private map of the file."""
+    shapes are one). `mmap=True` (host only): quantized blocks stay views of a private map of the file. A file with
+    a quantized format that has no torch kernel is refused before any data are read."""
+    check_gguf_formats(path)
     tensors = read_gguf(path, mmap=mmap)
     shapes = {k: t.shape for k, t in tensors.items()}
     model = _meta_dit(config or known_config(config_from_shapes(shapes, path)), shapes, path)

@@ -4,19 +4,20 @@ Notable features:
 - The file is read by `featherflux.weights.gguf`; the DiT is built from it by `featherflux.loading`.
 - Each quantized Linear becomes a `GGUFLinear` holding the raw block bytes (uint8 rows) and the format id; its
   forward dequantises with torch ops on whatever device the bytes are on, then runs an ordinary matmul in the
-  activation dtype. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K have torch kernels; other formats fall back
-  to the `gguf` package's numpy dequantiser (CPU only, slow but correct).
+  activation dtype. Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K have torch kernels
+  (`SUPPORTED_FORMATS`); nothing goes through numpy. A file with a quantized tensor in any other format is refused
+  by the loader before its data are read (`supports`), and `dequantizer` raises a `WeightsError` for one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featherflux.errors import WeightsError
 from featherflux.weights.gguf import gguf_package
 
 # ------------------------------------------------------------------------------------------- torch dequantisers
@@ -68,6 +69,34 @@ def _k_scales(s: Tensor) -> tuple[Tensor, Tensor]:
     return sc.float(), mn.float()
 
 
+def _crumbs(qs: Tensor) -> Tensor:
+    """(n, 64) bytes -> (n, 16, 16) two-bit values: each 32-byte half gives its bits 0-1, 2-3, 4-5, 6-7 in turn."""
+    shifts = torch.arange(0, 8, 2, device=qs.device, dtype=torch.uint8)
+    return ((qs.reshape(-1, 2, 1, 32) >> shifts[:, None]) & 3).reshape(-1, 16, 16)
+
+
+def _q2_k(b: Tensor) -> Tensor:
+    sc = b[:, 0:16]  # per 16 values: scale in the low nibble, min in the high nibble
+    d, dmin = _f16(b[:, 80:82]), _f16(b[:, 82:84])
+    dl = (d * (sc & 0x0F).float())[:, :, None]
+    ml = (dmin * (sc >> 4).float())[:, :, None]
+    return (dl * _crumbs(b[:, 16:80]).float() - ml).reshape(-1, 256)
+
+
+def _q3_k(b: Tensor) -> Tensor:
+    hmask, s, d = b[:, 0:32], b[:, 96:108], _f16(b[:, 108:110])
+    # 16 six-bit scales: low 4 bits from the nibbles of bytes 0-7, high 2 bits from the crumbs of bytes 8-11
+    low = torch.cat([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], dim=1)
+    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8)
+    high = ((s[:, None, 8:12] >> shifts[:, None]) & 3).reshape(-1, 16)
+    scale = (low | (high << 4)).float() - 32
+    # value = two low bits - 4 where its bit in hmask is clear (bit j of byte l: value 32j + l)
+    bits = torch.arange(8, device=b.device, dtype=torch.uint8)
+    clear = (((hmask[:, None, :] >> bits[:, None]) & 1) ^ 1).reshape(-1, 16, 16)
+    q = _crumbs(b[:, 32:96]).float() - 4 * clear.float()
+    return ((d * scale)[:, :, None] * q).reshape(-1, 256)
+
+
 def _q4_k(b: Tensor) -> Tensor:
     d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
     sc, mn = _k_scales(b[:, 4:16])
@@ -115,29 +144,48 @@ _TORCH_DEQUANT = {
     "Q4_1": _q4_1,
     "Q5_0": _q5_0,
     "Q5_1": _q5_1,
+    "Q2_K": _q2_k,
+    "Q3_K": _q3_k,
     "Q4_K": _q4_k,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
 }
 
 
+SUPPORTED_FORMATS = tuple(_TORCH_DEQUANT)  # the quantized GGUF formats a `GGUFLinear` can hold
+
 Dequantizer = Callable[[Tensor, tuple[int, ...], torch.dtype], Tensor]
+
+
+def _format(qtype: int | str) -> str:
+    return qtype.upper() if isinstance(qtype, str) else gguf_package().GGMLQuantizationType(qtype).name
+
+
+def supports(qtype: int | str) -> bool:
+    """Whether the quantized GGUF format `qtype` (a ggml id or name) has a torch dequantiser."""
+    return _format(qtype) in _TORCH_DEQUANT
+
+
+def unsupported_format_error(qtype: int | str, tensor: str | None = None, source=None) -> WeightsError:
+    """The error for a quantized format with no torch kernel, naming the tensor and file when given."""
+    what = f"tensor {tensor} is in GGUF format {_format(qtype)}" if tensor else f"GGUF format {_format(qtype)}"
+    where = f"{source}: " if source else ""
+    return WeightsError(
+        f"{where}{what}, which featherflux cannot dequantise; supported quantized formats: "
+        f"{', '.join(SUPPORTED_FORMATS)} (F32, F16 and BF16 tensors load as they are); convert the file to one of them"
+    )
 
 
 def dequantizer(qtype: int) -> Dequantizer:
     """The function that turns raw GGUF bytes (rows of uint8 blocks) of format `qtype` into a tensor of a shape and
-    dtype: looked up once per layer, not per call."""
+    dtype, with torch ops on the bytes' device: looked up once per layer, not per call. A `WeightsError` for a
+    format with no torch kernel."""
     gguf = gguf_package()
     kind = gguf.GGMLQuantizationType(qtype)
-    block_bytes = gguf.GGML_QUANT_SIZES[kind][1]
     fn = _TORCH_DEQUANT.get(kind.name)
     if fn is None:
-
-        def with_numpy(raw: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-            values = gguf.quants.dequantize(raw.cpu().numpy(), kind)
-            return torch.from_numpy(np.ascontiguousarray(values)).to(raw.device, dtype).reshape(shape)
-
-        return with_numpy
+        raise unsupported_format_error(kind.name)
+    block_bytes = gguf.GGML_QUANT_SIZES[kind][1]
 
     def with_torch(raw: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return fn(raw.reshape(-1, block_bytes)).to(dtype).reshape(shape)

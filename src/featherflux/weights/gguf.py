@@ -82,6 +82,11 @@ def gguf_summary(path: str | Path) -> tuple[dict[str, tuple[int, ...]], str | No
     return strip_bfl_prefix(_shapes(reader)), (formats.most_common(1)[0][0] if formats else None)
 
 
+def gguf_formats(path: str | Path) -> dict[str, str]:
+    """The ggml format of every tensor (native names -> upper-case names, e.g. "Q4_K"), without reading data."""
+    return strip_bfl_prefix({t.name: format_name(t.tensor_type).upper() for t in _reader(Path(path)).tensors})
+
+
 def read_gguf(path: str | Path, *, mmap: bool = False) -> dict[str, GGUFTensor]:
     """Every tensor of a GGUF file under its native name. `mmap=True`: the data are views of a private
     (copy-on-write) map of the file; otherwise they are copied out of it."""
