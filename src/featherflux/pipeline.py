@@ -39,7 +39,14 @@ from featherflux.memory import needs_placement, phase, place_pipeline, retry_on_
 from featherflux.model.attention import select as select_attention
 from featherflux.model.compile import COMPILE_FAILURES, check_mode, compile_blocks, uncompile_blocks
 from featherflux.model.config import FamilyConfig
-from featherflux.parallel import ParallelDiT, parallelize, rank_device
+from featherflux.parallel import (
+    ENCODED_ON_RANK_ZERO,
+    ParallelDiT,
+    is_main_process,
+    join_process_group,
+    parallelize,
+    rank_device,
+)
 from featherflux.parallel import check_mode as check_parallel
 from featherflux.request import CACHE_METHODS, GenerationRequest, Repaint, size_multiple
 from featherflux.sampling import (
@@ -149,14 +156,15 @@ class Flux2Pipeline(LoRAMixin):
 
     @torch.inference_mode()  # one mode for the whole run: tensors made before the loop are like those made in it
     def _generate(self, request: GenerationRequest):
-        if request.caption_upsample_temperature is not None:
+        if request.caption_upsample_temperature is not None and is_main_process():
             pictures = [list(request.pictures)] * len(request.prompts) if request.pictures else None
             prompts = self.upsample_prompt(request.prompts, pictures, request.caption_upsample_temperature)
             request = dataclasses.replace(request, prompts=prompts, caption_upsample_temperature=None)
-        embeds, negative = self.encode_prompt(request)
-        if self.parallel is not None:  # each rank slices rank 0's text: it must be the same text everywhere
-            embeds = self.parallel.broadcast(embeds)
-            negative = None if negative is None else self.parallel.broadcast(negative)
+        if self.parallel is None:
+            embeds, negative = self.encode_prompt(request)
+        else:  # rank 0 encodes; every rank slices the same text
+            embeds, negative = self.encode_prompt(request) if is_main_process() else (None, None)
+            embeds, negative = self.parallel.share(embeds), self.parallel.share(negative)
         batch = embeds.shape[0]
         repaint = request.repaint
         references = request.references if repaint is None else [repaint.image, *request.references]
@@ -404,6 +412,9 @@ def load_pipeline(
     check_parallel(parallel)
     if parallel is not None:
         device = rank_device(device)
+        join_process_group(parallel, str(device))
+        if not is_main_process() and prompt_encoder is None and text_encoder is None:
+            prompt_encoder = ENCODED_ON_RANK_ZERO  # rank 0 encodes and broadcasts: one text encoder per run
         if "tensor" in parallel.split("+") and mmap is None:
             mmap = True  # each rank reads only the pages of its slices of the weights
     if cache is not None and cache not in CACHE_METHODS:
@@ -451,5 +462,6 @@ def load_pipeline(
             quantize=quantize,
             embed_cache=embed_cache,
             mmap=parts.mmap,
+            tensor_parallel=1 if split is None else split.mesh.tensor,
         )
     return pipe

@@ -262,3 +262,19 @@ def test_decode_is_tiled_only_when_a_whole_image_does_not_fit():
     assert "one image at a time" in batch.explanation
     s = _sizes(FAMILIES["klein-4b"], None, RTX4060, 2048, 2048, 1)
     assert big.peak_vram_bytes < s.act_ae  # the whole decode alone would not fit
+
+
+def test_tensor_parallel_puts_dev_in_bf16_on_four_24_gib_cards(capsys):
+    one = plan("flux.2-dev", 24, 128)
+    four = plan("flux.2-dev", 24, 128, tensor_degrees=(4,))
+    assert four.fits and four.tensor_parallel == 4 and four.quantize is None and four.dit == "resident"
+    assert one.dit == "stream" and four.seconds_per_step < one.seconds_per_step
+    s = _sizes(FAMILIES["flux.2-dev"], None, RTX4090, 1024, 1024, 1)
+    s4 = _sizes(FAMILIES["flux.2-dev"], None, RTX4090, 1024, 1024, 1, tensor=4)
+    assert s4.dit_blocks == [b // 4 for b in s.dit_blocks] and s4.dit_globals == s.dit_globals
+    assert plans("flux.2-dev", 24, 128, tensor_degrees=(1, 4))[0].tensor_parallel == 4
+    with pytest.raises(UserError, match="tensor parallelism slices the checkpoint's own weights"):
+        plans("flux.2-dev", 24, 128, quantize="int8", tensor_degrees=(4,))
+    assert main(["plan", "flux.2-dev", "--vram", "24", "--ram", "128", "--gpus", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Picks tensor parallel over 4 GPUs" in out and "torchrun --nproc-per-node 4" in out

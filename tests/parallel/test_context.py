@@ -80,12 +80,14 @@ def test_split_dit_equals_the_whole_dit(tmp_path, world):
 
 
 def _pipeline_cases(rank, world, folders, mode):
+    from featherflux.parallel import ENCODED_ON_RANK_ZERO
     from featherflux.pipeline import load_pipeline
     from tests.test_pipeline import references
 
     for kind, folder in folders.items():
         whole = load_pipeline(folder)
         split = load_pipeline(folder, parallel=mode)
+        assert (split.prompt_encoder is ENCODED_ON_RANK_ZERO) == (rank > 0)  # one text encoder, on rank 0
         for n_refs in (0, 2) if kind != "klein-kv" else (2,):
             call = dict(
                 prompt="a dog", height=80, width=80, num_inference_steps=2, max_sequence_length=24,

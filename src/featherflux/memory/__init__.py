@@ -79,13 +79,22 @@ def needs_placement(device, *, vram=None, offload=None, quantize=None) -> bool:
     return torch.device(device).type == "cuda" or any(v is not None for v in (vram, offload, quantize))
 
 
-def _candidate_plans(family, device, vram, ram, offload, quantize, height, width) -> list[Plan] | None:
+def _candidate_plans(family, device, vram, ram, offload, quantize, height, width, tensor=1) -> list[Plan] | None:
     """The plans for `device`, best first, or None when nothing is to be planned (CPU without knobs)."""
     if not needs_placement(device, vram=vram, offload=offload, quantize=quantize):
         return None
     if torch.device(device).type != "cuda" and vram is None:
         vram = 1 << 60  # no device budget (the "device" is the host): honour the requested mode only
-    return plans(family, vram, ram, height=height, width=width, offload=offload or "auto", quantize=quantize or "auto")
+    return plans(
+        family,
+        vram,
+        ram,
+        height=height,
+        width=width,
+        offload=offload or "auto",
+        quantize=quantize or "auto",
+        tensor_degrees=(tensor,),
+    )
 
 
 def mmap_planned(family, device, *, vram=None, ram=None, offload=None, quantize=None, height=1024, width=1024) -> bool:
@@ -124,13 +133,15 @@ def place_pipeline(
     mmap: bool = False,
     height: int = 1024,
     width: int = 1024,
+    tensor_parallel: int = 1,
 ):
     """Plan for `device` (VRAM detected on CUDA unless `vram` is given) and place the pipeline's components.
 
     `offload` / `quantize` = None let the planner choose; a value fixes that part of the plan. A DiT loaded
     quantized from its file (GGUF, BFL fp8) fixes the quantization. `mmap=True`: the DiT's weights are
     memory-mapped, so streamed blocks are not pinned (that would copy them into RAM). `embed_cache` is a folder
-    for the on-disk prompt-embedding cache. Returns the pipeline (changed in place).
+    for the on-disk prompt-embedding cache. `tensor_parallel` = N plans one rank of an N-way tensor-parallel run,
+    whose DiT blocks are sliced already. Returns the pipeline (changed in place).
     """
     require_device(device)
     file_quant = dit_file_quantization(pipe.transformer)
@@ -138,7 +149,9 @@ def place_pipeline(
         raise UserError(
             f"the transformer was loaded already quantized ({file_quant}) from its file; drop quantize={quantize!r}"
         )
-    candidates = _candidate_plans(pipe.family, device, vram, ram, offload, quantize or file_quant, height, width)
+    candidates = _candidate_plans(
+        pipe.family, device, vram, ram, offload, quantize or file_quant, height, width, tensor_parallel
+    )
     if candidates is not None:
         chosen = candidates[0]
         if not chosen.fits:

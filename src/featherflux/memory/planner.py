@@ -77,6 +77,7 @@ class Plan:
     # in tiles of this many pixels (diffusers' tiled decode: slightly different seams). None: the whole image.
     autoencoder_slicing: bool = False
     autoencoder_tile: int | None = None
+    tensor_parallel: int = 1  # GPUs that each hold 1/N of every DiT block (featherflux.parallel.tensor)
     explanation: str = ""
 
     @property
@@ -151,7 +152,15 @@ class _Sizes:
     ae_compute_s: float
 
 
-def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, width: int, batch: int) -> _Sizes:
+# Link between the GPUs of a tensor-parallel plan: PCIe 4.0 x16 as a 4 x 24 GB workstation has it, measured
+# all-reduce bandwidth rather than the 32 GB/s line rate. NVLink machines are ten times faster; planning for the
+# slow link keeps the choice honest where it matters.
+TENSOR_LINK_GBPS = 20.0
+
+
+def _sizes(
+    family: FamilyConfig, quant: str | None, hw: Hardware, height: int, width: int, batch: int, tensor: int = 1
+) -> _Sizes:
     img_tokens = (height // 16) * (width // 16)
     dit_batch = batch if family.guidance_distilled else 2 * batch  # true CFG runs the DiT on the empty prompt too
     txt = family.text_encoder.max_length
@@ -170,11 +179,18 @@ def _sizes(family: FamilyConfig, quant: str | None, hw: Hardware, height: int, w
         # the largest Linear (single block linear1); GGUF's torch kernels go through fp32 before the bf16 copy
         dequant_temp = d * (3 * d + 2 * m) * (0 if not quant else 2 if quant in QUANTIZE_MODES else 6)
     te_quant = quant if quant in QUANTIZE_MODES else None  # a GGUF file quantizes only the DiT
+    blocks = [b // tensor for b in dw.block_bytes(quant)]
+    if tensor > 1:  # each GPU runs 1/N of every block, then an all-reduce per block half over the link
+        tokens = (img_tokens + txt) * dit_batch
+        reduced = 2 * family.dit.depth + family.dit.depth_single_blocks  # (B, S, D) bf16 sums per step
+        dit_compute_s = dit_compute_s / tensor + reduced * tokens * d * 2 * 2 * (tensor - 1) / tensor / (
+            TENSOR_LINK_GBPS * 1e9
+        )
     return _Sizes(
-        dit=dw.total.nbytes(quant),
+        dit=dw.globals.nbytes(quant) + sum(blocks),
         dit_globals=dw.globals.nbytes(quant),
-        dit_blocks=dw.block_bytes(quant),
-        dit_largest_leaf=int(d * (3 * d + 2 * m) * sizes.QUANT_BYTES[quant]),
+        dit_blocks=blocks,
+        dit_largest_leaf=int(d * (3 * d + 2 * m) * sizes.QUANT_BYTES[quant]) // tensor,
         te=te.nbytes(te_quant),
         te_layer=te_layer.nbytes(te_quant),
         te_other=te.nbytes(te_quant) - family.text_encoder.layers_needed * te_layer.nbytes(te_quant),
@@ -307,14 +323,24 @@ def _candidates(family, s: _Sizes, hw: Hardware, offload, quant, steps: int) -> 
 
 def _explain(p: Plan, family: FamilyConfig, s: _Sizes, hw: Hardware, height: int, width: int) -> str:
     q = p.quantize or "bf16"
+    cards = f" per GPU, tensor parallel over {p.tensor_parallel} GPUs" if p.tensor_parallel > 1 else ""
     lines = [
-        f"{family.name} at {width}x{height} with {hw.vram_bytes / GiB:.0f} GiB VRAM and {hw.ram_bytes / GiB:.0f} GiB RAM:",
+        (
+            f"{family.name} at {width}x{height} with {hw.vram_bytes / GiB:.0f} GiB VRAM{cards} and "
+            f"{hw.ram_bytes / GiB:.0f} GiB RAM{' for rank 0' if cards else ''}:"
+        ),
         (
             f"weights in {q}: DiT {s.dit / GiB:.1f} GiB, text encoder {s.te / GiB:.1f} GiB (trimmed to "
             f"{family.text_encoder.layers_needed} of {family.text_encoder.num_layers} layers), "
             f"autoencoder {s.ae / GiB:.2f} GiB."
         ),
     ]
+    if p.tensor_parallel > 1:
+        lines.append(
+            f"Each GPU holds 1/{p.tensor_parallel} of every DiT block ({s.dit / GiB:.1f} GiB with the whole "
+            f"embedders and modulation) and the GPUs sum each block half with one all-reduce (planned at "
+            f"{TENSOR_LINK_GBPS:.0f} GB/s, a PCIe link)."
+        )
     if p.dit == "resident" and p.text_encoder == "resident":
         lines.append("Everything stays on the device: nothing moves between phases.")
     if p.dit == "resident" and p.text_encoder != "resident":
@@ -387,12 +413,15 @@ def plans(
     quantize: str | None = "auto",
     file_quantization: str | None = None,
     hardware: Hardware | None = None,
+    tensor_degrees: tuple[int, ...] = (1,),
 ) -> list[Plan]:
     """All candidate plans for a family (or a family's name), best first: the fitting ones ranked by expected time x
     quality factor, then the rest by peak. `offload` / `quantize` = "auto" lets the planner choose; any other value
     (None included) fixes it. `file_quantization` is the format of a DiT file that is quantized already ("fp8",
-    "q4_k"...); it fixes the quantization. (`featherflux.loading.resolve_family` finds the family of a folder, a
-    file or a hub id.)"""
+    "q4_k"...); it fixes the quantization. `tensor_degrees` are the GPU counts to plan for, each GPU holding 1/N of
+    every DiT block (`featherflux.parallel.tensor`): (1,) plans one card, (1, 4) also weighs tensor parallelism
+    over 4 cards against it, (4,) plans one rank of a 4-way tensor-parallel run. (`featherflux.loading.
+    resolve_family` finds the family of a folder, a file or a hub id.)"""
     family = _family(family)
     file_quant = file_quantization
     hw = hardware or detect_hardware()
@@ -421,11 +450,21 @@ def plans(
         raise UserError(f"unknown quantization {quantize!r}; use one of none, int8, fp8, nf4 (or leave it unset)")
     offloads = OFFLOAD_MODES if offload == "auto" else (offload,)
     out = []
-    for quant in quants:
-        s = _sizes(family, quant, hw, height, width, batch)
-        for mode in offloads:
-            p = _candidates(family, s, hw, mode, quant, family.default_steps)
-            out.append(replace(p, explanation=_explain(p, family, s, hw, height, width)))
+    for tensor in tensor_degrees:
+        # tensor parallelism slices plain weights: it keeps the checkpoint's precision, and takes no quantized file
+        for quant in quants if tensor == 1 else [None] * (not file_quant and None in quants):
+            # rank 0 (planned here) shares the host with the other ranks; only it holds the text encoder
+            rank_hw = replace(hw, ram_bytes=hw.ram_bytes - (tensor - 1) * HOST_OVERHEAD)
+            s = _sizes(family, quant, rank_hw, height, width, batch, tensor)
+            for mode in offloads:
+                p = _candidates(family, s, rank_hw, mode, quant, family.default_steps)
+                p = replace(p, tensor_parallel=tensor)
+                out.append(replace(p, explanation=_explain(p, family, s, rank_hw, height, width)))
+    if not out:
+        raise UserError(
+            "tensor parallelism slices the checkpoint's own weights: it takes neither quantize= nor a quantized "
+            "(GGUF / fp8) DiT file; use a context mode (ulysses, ring, usp) with those"
+        )
     # A tiled decode changes the image at the seams, so a plan tiles only when no plan can decode the image whole.
     fitting = sorted(
         (p for p in out if p.fits),

@@ -17,10 +17,32 @@ from torch import Tensor, nn
 
 from featherflux.parallel.cfg import CfgParallel
 from featherflux.parallel.context import ContextParallel
-from featherflux.parallel.group import PARALLEL_MODES, Mesh, check_mode, init_mesh, rank_device
+from featherflux.parallel.group import PARALLEL_MODES, Mesh, check_mode, init_mesh, is_main_process, rank_device
+from featherflux.parallel.group import join as join_process_group
 from featherflux.parallel.tensor import shard_blocks
 
-__all__ = ["PARALLEL_MODES", "Mesh", "ParallelDiT", "check_mode", "is_main_process", "parallelize", "rank_device"]
+__all__ = [
+    "ENCODED_ON_RANK_ZERO",
+    "PARALLEL_MODES",
+    "Mesh",
+    "ParallelDiT",
+    "check_mode",
+    "is_main_process",
+    "join_process_group",
+    "parallelize",
+    "rank_device",
+]
+
+
+class _EncodedOnRankZero:
+    """The prompt encoder of ranks > 0: rank 0 alone loads the text encoder, and broadcasts the embeddings."""
+
+    def encode(self, *args, **kwargs):
+        raise RuntimeError("ranks other than 0 receive prompt embeddings from rank 0; they never encode")
+
+
+ENCODED_ON_RANK_ZERO = _EncodedOnRankZero()
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class ParallelDiT(nn.Module):
@@ -44,10 +66,24 @@ class ParallelDiT(nn.Module):
         return self.split.forward_kv_cached(*args, **kwargs)
 
     def broadcast(self, x: Tensor) -> Tensor:
-        """Rank 0's `x` on every rank (noise and prompt embeddings, so that every rank makes the same image)."""
+        """Rank 0's `x` on every rank, where every rank has a tensor of its shape (the initial noise)."""
         x = x.contiguous()
         dist.broadcast(x, src=0)
         return x
+
+    def share(self, x: Tensor | None) -> Tensor | None:
+        """Rank 0's (B, L, C) `x` (or None) on every rank; the others pass anything, their value is not read."""
+        device = self.mesh.device
+        header = torch.zeros(5, dtype=torch.long, device=device)
+        if is_main_process() and x is not None:
+            header = torch.tensor([1, *x.shape, _DTYPES.index(x.dtype)], device=device)
+        dist.broadcast(header, src=0)
+        present, b, l, c, dtype = header.tolist()  # once per image, before the step loop
+        if not present:
+            return None
+        if not is_main_process():
+            x = torch.empty(b, l, c, dtype=_DTYPES[dtype], device=device)
+        return self.broadcast(x.to(device))
 
 
 def parallelize(dit: nn.Module, mode: str, degree: int | None = None, device: str | torch.device | None = None):
@@ -57,6 +93,3 @@ def parallelize(dit: nn.Module, mode: str, degree: int | None = None, device: st
     return ParallelDiT(dit, mesh)
 
 
-def is_main_process() -> bool:
-    """True outside a parallel run, and on rank 0 of one: the process that writes files and prints results."""
-    return not dist.is_initialized() or dist.get_rank() == 0

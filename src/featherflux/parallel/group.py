@@ -181,17 +181,7 @@ def init_mesh(
     mlp_hidden: int | None = None,
 ) -> Mesh:
     """Join (or reuse) the process group and arrange its ranks for `mode`."""
-    if not dist.is_initialized():
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise UserError(
-                f"parallel={mode!r} needs several processes started by torchrun, for example: {TORCHRUN_HINT}"
-            )
-        cuda = torch.cuda.is_available() and device != "cpu"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
-        )
+    join(mode, device, timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg, tensor, ulysses, ring = mesh_degrees(mode, world, degree, num_heads, mlp_hidden)
     if device is None:
@@ -226,6 +216,25 @@ def init_mesh(
         cfg_group=groups[("cfg", c, t)],
         tensor_group=groups[("tensor", half, c)],
     )
+
+
+def join(mode: str, device: str | None = None, timeout_s: float | None = None) -> None:
+    """Join the process group torchrun describes, unless this process is in one already."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UserError(f"parallel={mode!r} needs several processes started by torchrun, for example: {TORCHRUN_HINT}")
+    cuda = torch.cuda.is_available() and device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+
+
+def is_main_process() -> bool:
+    """True outside a parallel run, and on rank 0 of one: the process that encodes prompts, writes files and
+    prints results."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _group(ranks: list[int]):
