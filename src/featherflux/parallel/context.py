@@ -82,6 +82,9 @@ class SequenceParallelAttention:
         self.query_streams: tuple[Stream, ...] = ()
         self._indices: dict = {}
 
+    # Compiled blocks break their graph here: collectives and the per-layout index cache stay eager, the
+    # projections and MLPs on either side are compiled as usual.
+    @torch.compiler.disable
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         m = self.mesh
         streams = self.query_streams if k.shape[2] == q.shape[2] else self.key_streams
