@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,13 +13,16 @@ from featherflux.cli.options import (
     add_compile,
     add_device,
     add_download,
+    add_parallel,
     add_placement,
     add_text_encoder,
     pipeline_options,
 )
 from featherflux.cli.serve_ray import add_ray_arguments, serve_on_ray
 from featherflux.errors import MissingExtraError, UserError
+from featherflux.parallel import is_main_process
 from featherflux.pipeline import load_pipeline
+from featherflux.serve.ranks import LeaderPipeline, follow
 
 
 def register(subparsers) -> None:
@@ -50,6 +54,9 @@ def register(subparsers) -> None:
     add_device(p)
     add_attention(p)
     add_compile(p)
+    add_parallel(p)
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="with --parallel: start N processes (one per GPU) that run one pipeline; rank 0 serves HTTP")
     add_download(p)
     add_placement(p)
     add_text_encoder(p)
@@ -67,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_queue < 1 or args.max_batch < 1:
         raise UserError("--max-queue and --max-batch must be at least 1")
+    if args.gpus > 1 and args.parallel is None:
+        raise UserError(f"--gpus {args.gpus} runs one pipeline split over {args.gpus} processes: add --parallel MODE")
+    if args.gpus > 1 and "RANK" not in os.environ:  # start the ranks: this command again, under torchrun
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.gpus)]
+        os.execv(sys.executable, [*torchrun, "-m", "featherflux", *_without_gpus(sys.argv[1:])])
     loras = {}
     if args.lora_dir is not None:
         if not args.lora_dir.is_dir():
@@ -74,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
         loras = {p.stem: p for p in sorted(args.lora_dir.glob("*.safetensors"))}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     pipe = load_pipeline(args.model, **pipeline_options(args))
+    if args.parallel is not None:
+        if not is_main_process():  # the other ranks make rank 0's calls until it stops
+            follow(pipe)
+            return 0
+        pipe = LeaderPipeline(pipe)
     app = create_app(
         pipe,
         api_keys=args.api_keys,
@@ -90,5 +107,22 @@ def run(args: argparse.Namespace) -> int:
         f"featherflux: serving {args.model} on http://{args.host}:{args.port}/ (images in {args.output_dir})",
         file=sys.stderr,
     )
-    run_server(app, host=args.host, port=args.port)
+    try:
+        run_server(app, host=args.host, port=args.port)
+    finally:
+        if args.parallel is not None:
+            pipe.close()
     return 0
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    """The command line each rank runs: this one without `--gpus N`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--gpus="):
+            skip = False
+            continue
+        skip = arg == "--gpus"
+        if not skip:
+            out.append(arg)
+    return out

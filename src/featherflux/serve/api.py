@@ -478,6 +478,9 @@ async def get_file(name: str, request: Request):
 async def health(request: Request):
     state = _state(request)
     side = state.defaults.side
+    # a pipeline split over processes (serve.ranks) turns unhealthy when one of them is gone: it needs a restart
+    if not getattr(state.queue.pipeline, "healthy", True):
+        return JSONResponse({"status": "unhealthy", "model": state.model}, status_code=503)
     return {
         "status": "ok" if state.queue.accepting else "shutting_down",
         "queue_depth": state.queue.depth(),
