@@ -158,3 +158,14 @@ def _compiled_case(rank, world):
 def test_compiled_blocks_run_split(tmp_path):
     """The compiled blocks break their graph around the parallel attention and give the same output."""
     run_ranks(2, tmp_path, _compiled_case)
+
+
+def test_tensor_parallelism_refuses_quantized_layers_naming_the_fix():
+    from featherflux.memory.quant import quantize
+    from featherflux.parallel.group import Mesh
+    from featherflux.parallel.tensor import shard_blocks
+
+    dit = Flux2(DIT)
+    quantize(dit, "int8")
+    with pytest.raises(UserError, match="use a context mode"):
+        shard_blocks(dit, Mesh(0, 2, 1, 2, 1, 1, torch.device("cpu")))

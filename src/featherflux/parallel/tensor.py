@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featherflux.errors import UserError
 from featherflux.parallel.group import Mesh
 
 
@@ -59,6 +60,12 @@ def _row_parallel(linear: nn.Linear, sizes: list[int], parts: int, index: int, g
 def shard_blocks(dit: nn.Module, mesh: Mesh) -> None:
     """Keep only this rank's slice of every block's weights, in place."""
     n, i, group = mesh.tensor, mesh.tensor_index, mesh.tensor_group
+    for name, module in dit.named_modules():
+        if "blocks." in name and module.__class__.__name__.endswith("Linear") and type(module) is not nn.Linear:
+            raise UserError(
+                f"tensor parallelism slices plain weights, but {name} is a {type(module).__name__} (a quantized "
+                "DiT file or quantize=); use a context mode (ulysses, ring, usp) with it"
+            )
     dim, mlp = dit.config.hidden_size, dit.config.mlp_hidden_dim
     for block in dit.double_blocks:
         for attn, mlp_layers in ((block.img_attn, block.img_mlp), (block.txt_attn, block.txt_mlp)):
