@@ -169,3 +169,24 @@ def test_tensor_parallelism_refuses_quantized_layers_naming_the_fix():
     quantize(dit, "int8")
     with pytest.raises(UserError, match="use a context mode"):
         shard_blocks(dit, Mesh(0, 2, 1, 2, 1, 1, torch.device("cpu")))
+
+
+def _rank_one_dies(rank, world):
+    import os
+
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    split = parallelize(Flux2(DIT).eval(), "ring")
+    dist.barrier()
+    if rank == 1:
+        os._exit(0)  # gone without a word, mid-run
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 13, 8, generator=g), torch.randn(1, 7, 24, generator=g)
+    with pytest.raises(RuntimeError, match="rank 0 of 2: the split DiT failed: rank 1 stopped answering"):
+        split(x, _ids(1, 13), torch.full((1,), 0.5), ctx, torch.zeros(1, 7, 4), torch.full((1,), 3.5))
+    os._exit(0)  # the group is broken: skip its orderly teardown
+
+
+def test_a_dead_rank_is_named_by_the_others(tmp_path):
+    run_ranks(2, tmp_path, _rank_one_dies)

@@ -17,7 +17,16 @@ from torch import Tensor, nn
 
 from featherflux.parallel.cfg import CfgParallel
 from featherflux.parallel.context import ContextParallel
-from featherflux.parallel.group import PARALLEL_MODES, Mesh, check_mode, init_mesh, is_main_process, rank_device
+from featherflux.parallel.group import (
+    PARALLEL_MODES,
+    Mesh,
+    check_mode,
+    collective_failure,
+    init_mesh,
+    is_collective_error,
+    is_main_process,
+    rank_device,
+)
 from featherflux.parallel.group import join as join_process_group
 from featherflux.parallel.tensor import shard_blocks
 
@@ -57,13 +66,22 @@ class ParallelDiT(nn.Module):
         self.split = CfgParallel(inner, mesh) if mesh.cfg > 1 else inner
 
     def forward(self, *args, **kwargs) -> Tensor:
-        return self.split(*args, **kwargs)
+        return self._named_failures(self.split, *args, **kwargs)
 
     def forward_kv_extract(self, *args, **kwargs):
-        return self.split.forward_kv_extract(*args, **kwargs)
+        return self._named_failures(self.split.forward_kv_extract, *args, **kwargs)
 
     def forward_kv_cached(self, *args, **kwargs):
-        return self.split.forward_kv_cached(*args, **kwargs)
+        return self._named_failures(self.split.forward_kv_cached, *args, **kwargs)
+
+    @staticmethod
+    def _named_failures(call, *args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except RuntimeError as e:
+            if is_collective_error(e):  # a peer is gone or hangs: say which
+                raise collective_failure(e) from e
+            raise
 
     def broadcast(self, x: Tensor) -> Tensor:
         """Rank 0's `x` on every rank, where every rank has a tensor of its shape (the initial noise)."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,6 +30,8 @@ _SPLITS = (*CONTEXT_MODES, "tensor", "tensor+ulysses", "tensor+ring")
 PARALLEL_MODES = (*_SPLITS, "cfg", *(f"cfg+{mode}" for mode in _SPLITS))
 TORCHRUN_HINT = "torchrun --nproc-per-node 2 -m featherflux generate PROMPT --model M --parallel ulysses"
 DEFAULT_TIMEOUT_S = 600.0
+HEARTBEAT_S = 1.0  # how often each rank says it is alive, in the process group's store
+SILENT_AFTER_S = 3.0  # a rank whose last word is older than this has died
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ def init_mesh(
     for c in range(size):
         for t in range(tensor):
             groups[("cfg", c, t)] = _group([at(half, c, t) for half in range(cfg)])
+    start_heartbeat()
     mesh = Mesh(rank, world, cfg, tensor, ulysses, ring, torch.device(device))
     half, c, t = mesh.cfg_index, mesh.context_rank, mesh.tensor_index
     return replace(
@@ -229,6 +234,61 @@ def join(mode: str, device: str | None = None, timeout_s: float | None = None) -
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+
+
+def start_heartbeat() -> None:
+    """From now on this rank writes the time into the process group's store every second (a daemon thread), so
+    that after a failed collective the survivors can tell which rank died (`silent_ranks`)."""
+    global _heartbeat
+    if _heartbeat is not None:
+        return
+    store, key = dist.distributed_c10d._get_default_store(), f"featherflux/alive/{dist.get_rank()}"
+
+    def beat() -> None:
+        while True:
+            try:
+                store.set(key, repr(time.time()))
+            except RuntimeError:  # the store is gone: the run is over
+                return
+            time.sleep(HEARTBEAT_S)
+
+    _heartbeat = threading.Thread(target=beat, name="featherflux-heartbeat", daemon=True)
+    _heartbeat.start()
+
+
+_heartbeat: threading.Thread | None = None
+
+
+def silent_ranks() -> list[int]:
+    """The ranks that stopped writing their heartbeat (after waiting long enough to be sure)."""
+    time.sleep(SILENT_AFTER_S + HEARTBEAT_S)
+    store, now, silent = dist.distributed_c10d._get_default_store(), time.time(), []
+    for rank in range(dist.get_world_size()):
+        try:
+            last = float(store.get(f"featherflux/alive/{rank}"))
+        except RuntimeError:
+            last = 0.0
+        if now - last > SILENT_AFTER_S:
+            silent.append(rank)
+    return silent
+
+
+def is_collective_error(error: BaseException) -> bool:
+    """Whether `error` came from the process group (a dropped connection, a time-out) rather than the computation.
+    gloo raises plain RuntimeErrors that name its transport; NCCL and the store raise torch's DistError kinds."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(word in text for word in ("gloo", "NCCL", "Connection", "timed out"))
+
+
+def collective_failure(error: RuntimeError) -> RuntimeError:
+    """A failed collective of a split DiT, as an error that names the rank that died, or says that one hangs."""
+    silent = silent_ranks()
+    who = (
+        f"rank {', '.join(map(str, silent))} stopped answering (its process died)"
+        if silent
+        else "every rank is alive, so one of them hangs (the collective timed out)"
+    )
+    return RuntimeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: the split DiT failed: {who}: {error}")
 
 
 def is_main_process() -> bool:
