@@ -31,7 +31,7 @@ from ray import serve
 
 from featherflux.errors import UserError
 from featherflux.pipeline import load_pipeline
-from featherflux.scale.job_board import shared_jobs
+from featherflux.scale.job_board import QUEUE_FILE, shared_jobs
 from featherflux.serve.api import create_app
 
 APP_NAME = "featherflux"
@@ -84,7 +84,7 @@ class ImageService:
                          output_dir=output_dir, max_batch=s.max_batch, job_timeout=s.job_timeout,
                          rate_limit=(s.rate_limit, s.burst), loras=loras, drain_seconds=s.drain_seconds,
                          metrics_public=s.metrics_public,
-                         state_file=output_dir / f"queue-replica-{rank}.jsonl")
+                         state_file=output_dir / QUEUE_FILE.format(rank=rank))
         return shared_jobs(app, replica=rank, api_keys=Path(s.api_keys) if s.api_keys else None)
 
 
