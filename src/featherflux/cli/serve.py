@@ -65,7 +65,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.ray:  # replicas of this server on Ray Serve (cli.serve_ray)
+    if args.ray:  # replicas of this server on Ray Serve (cli.serve_ray); --gpus sizes each replica's group there
         return serve_on_ray(args)
     try:  # the serve extra is optional: fastapi and uvicorn are imported only to serve
         from featherflux.serve.api import create_app, run_server

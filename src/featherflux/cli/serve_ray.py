@@ -37,6 +37,14 @@ def serve_on_ray(args: argparse.Namespace) -> int:
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if str(args.device).startswith("cuda") else 0.0
+    ranks = 1
+    if args.parallel is not None:  # one split pipeline per replica: a process per GPU, or --gpus CPU processes
+        ranks = int(gpus) if gpus >= 2 else args.gpus
+        if ranks < 2 or (gpus >= 2 and gpus != int(gpus)):
+            raise UserError(
+                "--parallel with --ray runs a group of processes per replica: give --gpus-per-replica N (whole GPUs, "
+                "N >= 2), or --gpus N for CPU processes"
+            )
     settings = ReplicaSettings(
         model=str(args.model), output_dir=str(args.output_dir.resolve()),
         api_keys=str(args.api_keys.resolve()) if args.api_keys else None, max_queue=args.max_queue,
@@ -45,6 +53,7 @@ def serve_on_ray(args: argparse.Namespace) -> int:
         lora_dir=str(args.lora_dir.resolve()) if args.lora_dir else None, device=args.device,
         dtype=dtype_name(args.dtype), placement=placement,
         text_encoder=args.text_encoder, text_encoder_token=args.text_encoder_token,
+        parallel=args.parallel, parallel_degree=args.parallel_degree, ranks=ranks,
     )
     autoscale = parse_autoscale(args.autoscale) if args.autoscale else None
     run(settings, host=args.host, port=args.port, address=args.address, replicas=args.replicas, autoscale=autoscale,

@@ -12,6 +12,9 @@ Design choices:
   deployment restarts), so a restarted replica resumes its jobs. Images go to one output folder that every replica
   writes (a shared file system on a multi-node cluster), so any replica can serve `/v1/files/{name}`.
 - A job lives on the replica that took it; `job_board.py` lets any replica answer, stream and cancel it.
+- With `parallel` set, a replica is a group of `ranks` processes running one split pipeline (`featherflux.parallel`):
+  the replica is rank 0 and serves; it starts the other ranks as `featherflux serve` processes on its own GPUs
+  (Ray gives the replica all of them; rank i takes `cuda:i`), which follow its calls (`featherflux.serve.ranks`).
 
 People who write their own Serve config import the application builder:
     import_path: featherflux.scale.ray_serve:app
@@ -20,6 +23,9 @@ People who write their own Serve config import the application builder:
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -33,6 +39,7 @@ from featherflux.errors import UserError
 from featherflux.pipeline import load_pipeline
 from featherflux.scale.job_board import QUEUE_FILE, shared_jobs
 from featherflux.serve.api import create_app
+from featherflux.serve.ranks import LeaderPipeline
 
 APP_NAME = "featherflux"
 TARGET_ONGOING_REQUESTS = 2  # per replica: one image running, one waiting, before the autoscaler adds a replica
@@ -58,6 +65,24 @@ class ReplicaSettings:
     placement: dict = field(default_factory=dict)  # vram, ram, offload, quantize: passed to load_pipeline
     text_encoder: str | None = None  # URL of a `featherflux encode-server` every replica encodes prompts on
     text_encoder_token: str | None = None
+    parallel: str | None = None  # one pipeline split over `ranks` processes per replica (featherflux.parallel)
+    parallel_degree: int | None = None
+    ranks: int = 1
+
+    def follower_command(self) -> list[str]:
+        """The `featherflux serve` command line of a replica's other ranks (they load and follow, never listen)."""
+        argv = [sys.executable, "-m", "featherflux", "serve", "--model", self.model, "--device", self.device,
+                "--parallel", str(self.parallel)]
+        if self.parallel_degree is not None:
+            argv += ["--parallel-degree", str(self.parallel_degree)]
+        if self.dtype is not None:
+            argv += ["--dtype", self.dtype]
+        for name, value in self.placement.items():
+            if value is True:
+                argv.append(f"--{name}")
+            elif value is not None and value is not False:
+                argv += [f"--{name}", str(value)]
+        return argv
 
 
 @serve.deployment
@@ -65,6 +90,7 @@ class ReplicaSettings:
 class ImageService:
     def __init__(self, settings: ReplicaSettings):
         self.settings = settings
+        self.followers = _start_followers(settings) if settings.parallel else []
         dtype = getattr(torch, settings.dtype) if settings.dtype else None
         self.pipe = load_pipeline(
             settings.model,
@@ -72,8 +98,18 @@ class ImageService:
             dtype=dtype,
             text_encoder=settings.text_encoder,
             text_encoder_token=settings.text_encoder_token,
+            parallel=settings.parallel,
+            parallel_degree=settings.parallel_degree,
             **settings.placement,
         )
+        if settings.parallel:
+            self.pipe = LeaderPipeline(self.pipe)
+
+    def __del__(self):
+        if self.followers:
+            self.pipe.close()
+            for process in self.followers:
+                process.wait(timeout=30)
 
     def __serve_build_asgi_app__(self):
         s = self.settings
@@ -86,6 +122,19 @@ class ImageService:
                          metrics_public=s.metrics_public,
                          state_file=output_dir / QUEUE_FILE.format(rank=rank))
         return shared_jobs(app, replica=rank, api_keys=Path(s.api_keys) if s.api_keys else None)
+
+
+def _start_followers(settings: ReplicaSettings) -> list[subprocess.Popen]:
+    """Make this replica rank 0 of a local process group and start ranks 1..N-1 (they join when they load)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = {"WORLD_SIZE": str(settings.ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ.update(group, RANK="0", LOCAL_RANK="0")
+    return [
+        subprocess.Popen(settings.follower_command(), env=os.environ | group | {"RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in range(1, settings.ranks)
+    ]
 
 
 def build_app(settings: ReplicaSettings, *, replicas: int = 1, autoscale: tuple[int, int] | None = None,
