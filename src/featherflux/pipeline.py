@@ -277,8 +277,6 @@ class Flux2Pipeline(LoRAMixin):
         x_ids = image_ids(h, w).to(self.device)
         ctx_ids = text_ids(embeds.shape[1]).to(self.device)
         on_step = None if request.callback is None else self._step_callback(request)
-        if self.parallel is not None and request.cache_threshold > 0:
-            raise UserError("step caching does not combine with parallel= yet (each rank sees part of the image)")
         dit = self.transformer if self.parallel is None else self.parallel
         if self.kv_references and ref_tokens is not None:
             if request.cache_threshold > 0:

@@ -190,3 +190,20 @@ def _rank_one_dies(rank, world):
 
 def test_a_dead_rank_is_named_by_the_others(tmp_path):
     run_ranks(2, tmp_path, _rank_one_dies)
+
+
+def _cached_demo_case(rank, world):
+    from featherflux.pipeline import load_pipeline
+
+    call = dict(prompt="a red circle on a blue background", height=80, width=80, num_inference_steps=8,
+                output_type="np", show_progress=False, cache="first-block", cache_threshold=0.2)
+    whole = load_pipeline("demo")(generator=torch.Generator().manual_seed(0), **call)
+    assert 1 < whole.dit_calls < 8  # some steps skipped, some not: the decision matters
+    for mode in ("ring", "cfg"):
+        split = load_pipeline("demo", parallel=mode)(generator=torch.Generator().manual_seed(0), **call)
+        assert split.dit_calls == whole.dit_calls, mode
+        np.testing.assert_allclose(split.images, whole.images, atol=1e-4, rtol=0, err_msg=mode)
+
+
+def test_step_caching_decides_on_the_whole_image_across_ranks(tmp_path):
+    run_ranks(2, tmp_path, _cached_demo_case)

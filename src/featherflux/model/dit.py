@@ -20,6 +20,7 @@ Notable features:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,18 +55,27 @@ class FirstBlockCache:
     is skipped and the remainder residual of that step (final hidden state minus first-block output) is reused.
     Deciding needs one number from the device per step, so with `threshold` > 0 the loop syncs once a step; at 0 it
     never skips and never reads. One cache per stream of calls (the conditional and unconditional CFG passes differ).
+    A DiT split across processes sets `rows` (which image rows of its slice are real tokens) and `reduce` (sums the
+    two totals over the ranks), so that every rank takes the decision one process would take.
     """
 
     threshold: float = 0.0
     full_passes: int = 0  # DiT passes that ran every block
     first_residual: Tensor | None = None
     remainder: Tensor | None = None
+    rows: Tensor | None = None  # (1, N, 1) 1 for real image rows, 0 for padding
+    reduce: Callable[[Tensor], Tensor] | None = None
 
     def reusable(self, first_residual: Tensor) -> bool:
         if self.threshold <= 0 or self.first_residual is None or self.first_residual.shape != first_residual.shape:
             return False
-        change = (first_residual - self.first_residual).abs().mean() / self.first_residual.abs().mean()
-        return change.item() < self.threshold  # the one host read of a step
+        change, size = (first_residual - self.first_residual).abs(), self.first_residual.abs()
+        if self.rows is not None:
+            change, size = change * self.rows, size * self.rows
+        totals = torch.stack([change.sum(), size.sum()])
+        if self.reduce is not None:
+            totals = self.reduce(totals)
+        return (totals[0] / totals[1]).item() < self.threshold  # the one host read of a step
 
     def store(self, entry: Tensor, first: Tensor, last: Tensor) -> None:
         """After a full pass: the image tokens entering the first block, leaving it, and leaving the last one."""

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from featherflux.parallel.group import Mesh
+from featherflux.parallel.group import Mesh, sum_over_ranks
 
 
 def _rows(x: Tensor | None, batch: int, index: int, halves: int) -> Tensor | None:
@@ -34,6 +34,8 @@ class CfgParallel(nn.Module):
         if batch % halves:
             return self.dit(x, x_ids, timesteps, ctx, ctx_ids, guidance, step_cache)
         i = self.mesh.cfg_index
+        if step_cache is not None and step_cache.threshold > 0:  # both halves decide on the whole batch
+            step_cache.reduce = sum_over_ranks
         args = (x, x_ids, timesteps, ctx, ctx_ids, guidance)
         local = self.dit(*(_rows(a, batch, i, halves) for a in args), step_cache)
         parts = [torch.empty_like(local) for _ in range(halves)]

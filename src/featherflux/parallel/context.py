@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from featherflux.model.dit import RefKVCache, _batched
-from featherflux.parallel.group import Mesh
+from featherflux.parallel.group import Mesh, sum_over_ranks
 
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -186,6 +186,9 @@ class ContextParallel(nn.Module):
         x, x_ids = self._slices(x, x_ids, img, batch)
         ctx, ctx_ids = self._slices(ctx, ctx_ids, txt, batch)
         self.attention.query_streams = self.attention.key_streams = (txt, img)
+        if step_cache is not None and step_cache.threshold > 0:  # decide on the whole image, padding left out
+            step_cache.rows = img.valid(self.mesh.context_rank).to(x.device, x.dtype)[None, :, None]
+            step_cache.reduce = sum_over_ranks
         return self._gather(self.dit(x, x_ids, timesteps, ctx, ctx_ids, guidance, step_cache), img)
 
     def forward_kv_extract(self, x, x_ids, timesteps, ctx, ctx_ids, num_ref: int, guidance=None):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from featherflux.errors import UserError
 
@@ -289,6 +290,13 @@ def collective_failure(error: RuntimeError) -> RuntimeError:
         else "every rank is alive, so one of them hangs (the collective timed out)"
     )
     return RuntimeError(f"rank {dist.get_rank()} of {dist.get_world_size()}: the split DiT failed: {who}: {error}")
+
+
+def sum_over_ranks(totals: Tensor) -> Tensor:
+    """`totals` summed over every rank of the run (the step cache's decision). CFG halves add their own rows;
+    tensor-parallel ranks count the same rows N times over in both of the cache's totals, leaving their ratio."""
+    dist.all_reduce(totals)
+    return totals
 
 
 def is_main_process() -> bool:
