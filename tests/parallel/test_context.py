@@ -98,7 +98,9 @@ def _pipeline_cases(rank, world, folders, mode):
             np.testing.assert_allclose(b, a, atol=1e-4, rtol=0, err_msg=f"{kind}, {n_refs} references")
 
 
-@pytest.mark.parametrize("world,mode", [(2, "ulysses"), (2, "ring"), (4, "usp"), (4, "cfg+tensor")])
+@pytest.mark.parametrize(
+    "world,mode", [(2, "ulysses"), (2, "ring"), (2, "cfg"), (2, "tensor"), (4, "usp"), (4, "cfg+tensor")]
+)
 def test_split_pipelines_make_the_single_process_image(tmp_path_factory, tmp_path, world, mode):
     from tests.tiny import tiny_pipeline_dir
 
