@@ -56,7 +56,6 @@ run (tests/benchmarks/test_multi_gpu.py runs it on 1 and 2 gloo ranks).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import importlib.metadata
@@ -66,18 +65,19 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gpu_speed import Report as SpeedReport
 from gpu_speed import device_name, why
 
 from featherflux.errors import UserError
 from featherflux.memory.sizes import dit_activation_bytes, dit_step_flops, dit_weights
 from featherflux.model import attention
-from featherflux.model.build import build_transformer
+from featherflux.model.build import build_transformer, default_dtype
 from featherflux.model.config import FAMILIES, DiTConfig
 from featherflux.parallel import PARALLEL_MODES, ParallelDiT
 from featherflux.parallel.group import init_mesh, mesh_degrees
@@ -110,9 +110,11 @@ class Row:
     note: str = ""
 
 
-class Report:
+class Report(SpeedReport):
     """Rank 0's rows (with the earlier launches' of other rank counts): printed, and the JSON and markdown rewritten
     after each one. `world=None` keeps every earlier row (the single-command form's parent adding a row)."""
+
+    STEM = STEM
 
     def __init__(self, out: Path, header: dict, world: int | None, budget: float = float("inf")):
         self.out, self.header, self.rows = out, header, []
@@ -127,20 +129,11 @@ class Report:
             except (ValueError, KeyError, TypeError):  # unreadable, or an older format: start a new table
                 self.rows = []
 
-    def left(self) -> float:
-        return self.budget - (time.perf_counter() - self.start)
-
     def add(self, row: Row) -> Row:
         if row.seconds is not None:
             base = self.baseline(row)
             row.speedup = None if base is None else base / row.seconds
-        self.rows.append(row)
-        print(self.markdown_line(row), flush=True)
-        (self.out / f"{STEM}.json").write_text(
-            json.dumps({**self.header, "rows": [asdict(r) for r in self.rows]}, indent=1)
-        )
-        (self.out / f"{STEM}.md").write_text(self.markdown())
-        return row
+        return super().add(row)
 
     def baseline(self, row: Row) -> float | None:
         for r in self.rows:
@@ -272,16 +265,6 @@ def estimate_bytes(config: DiTConfig, layout, tokens: int, txt: int, batch: int,
     local_batch = batch // cfg if batch % cfg == 0 else batch
     activations = dit_activation_bytes(config, -(-tokens // context), -(-txt // context), local_batch, elem)
     return weights + 2 * activations
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @torch.no_grad()

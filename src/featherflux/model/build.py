@@ -34,7 +34,7 @@ def build_transformer(
         family = FAMILIES[family]
     config = family.dit if isinstance(family, FamilyConfig) else family
     device, dtype = torch.device(device), dtype or torch.float32
-    with _default_dtype(dtype):  # made in `dtype`: a 32B model never exists in float32 on the way
+    with default_dtype(dtype):  # made in `dtype`: a 32B model never exists in float32 on the way
         if init == "empty" or device.type == "meta":
             with torch.device("meta"):
                 model = Flux2(config)
@@ -47,7 +47,8 @@ def build_transformer(
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """Modules made inside are made in `dtype` (no float32 copy on the way)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

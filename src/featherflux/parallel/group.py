@@ -146,7 +146,7 @@ def mesh_degrees(
             raise UserError(
                 f"a tensor degree of {tensor} does not split the DiT's {num_heads} heads over {ranks} ranks per pass"
                 f"{' and leave ranks for ' + context if context else ''}; degrees that work: "
-                f"{', '.join(str(d) for d in works if context is None or d < ranks)}"
+                f"{', '.join(str(d) for d in works if context is None or d < ranks) or 'none'}"
             )
         ranks //= tensor
         if context is None:
