@@ -94,14 +94,16 @@ class SequenceParallelAttention:
             out = self._ring(q, k, v, streams)
         else:
             keep = self._valid_keys(streams, tuple(m.row()), k.device)
-            out = self.inner(q, k.index_select(2, keep), v.index_select(2, keep))
+            out = self.inner(q, _keys(k, keep), _keys(v, keep))
         return self._sequence_for_heads(out) if m.ulysses > 1 else out
 
-    def _valid_keys(self, streams: tuple[Stream, ...], ranks: tuple[int, ...], device: torch.device) -> Tensor:
-        """Indices of the real keys: made on the host once per layout, so the step loop never reads the device."""
+    def _valid_keys(self, streams: tuple[Stream, ...], ranks: tuple[int, ...], device: torch.device) -> Tensor | None:
+        """Indices of the real keys, or None when there is no padding: made on the host once per layout, so the step
+        loop never reads the device."""
         key = (streams, ranks, device)
         if key not in self._indices:
-            self._indices[key] = key_valid(streams, list(ranks)).nonzero().flatten().to(device)
+            valid = key_valid(streams, list(ranks))
+            self._indices[key] = None if valid.all() else valid.nonzero().flatten().to(device)
         return self._indices[key]
 
     def _heads_for_sequence(self, x: Tensor) -> Tensor:
@@ -138,14 +140,18 @@ class SequenceParallelAttention:
                 pending = dist.batch_isend_irecv(ops)
             owner_row = [owner - m.ulysses_index + j for j in range(m.ulysses)]  # the row whose slices it gathered
             keep = self._valid_keys(streams, tuple(owner_row), kv.device)
-            if keep.numel():
-                block_out, block_lse = attend_with_lse(q, kv[0].index_select(2, keep), kv[1].index_select(2, keep))
+            if keep is None or keep.numel():
+                block_out, block_lse = attend_with_lse(q, _keys(kv[0], keep), _keys(kv[1], keep))
                 out, lse = _merge(out, lse, block_out, block_lse)
             if step + 1 < m.ring:
                 for request in pending:
                     request.wait()
                 kv = incoming
         return out.to(q.dtype)
+
+
+def _keys(x: Tensor, keep: Tensor | None) -> Tensor:
+    return x if keep is None else x.index_select(2, keep)
 
 
 def _merge(out: Tensor | None, lse: Tensor | None, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
