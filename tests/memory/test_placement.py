@@ -142,6 +142,43 @@ def test_a_lora_added_inside_a_streamed_block_is_packed_with_it(small_dit):
     assert streamer.host_bytes > before  # the adapter's weights joined the block's buffer
 
 
+class TiedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.second.weight = self.first.weight  # one tensor in two places
+        self.register_buffer("offset", torch.ones(4))
+
+    def forward(self, x):
+        return self.second(self.first(x)) + self.offset
+
+
+@torch.no_grad()
+def test_a_streamed_forward_reads_every_place_from_the_copies_and_puts_the_host_tensors_back(monkeypatch):
+    """On CPU a copy is the host tensor itself, so doubled 'copies' stand in for the device's to show that every
+    place the block reads (a tied weight's two, a buffer) takes them, and that the host tensors come back after."""
+    holder = nn.ModuleList([TiedBlock()])
+    streamer = stream_modules(block_entries([holder]), "cpu")
+    block = holder[0].block
+    host = {name: t for name, t in [*block.named_parameters(), *block.named_buffers()]}
+    doubled = copy.deepcopy(block)
+    for t in [*doubled.parameters(), *doubled.buffers()]:
+        t.mul_(2)
+    real_acquire = streamer.acquire
+
+    def acquire_doubled(i):
+        tensors, places = real_acquire(i)
+        return {name: 2 * t for name, t in tensors.items()}, places
+
+    monkeypatch.setattr(streamer, "acquire", acquire_doubled)
+    x = torch.randn(3, 4)
+    assert torch.equal(holder[0](x), doubled(x))
+    assert block.second.weight is block.first.weight is host["first.weight"]
+    assert block.offset is host["offset"]
+    assert torch.equal(holder[0](x), doubled(x))  # twice: nothing of the first call stayed in place
+
+
 @torch.no_grad()
 def test_out_of_order_calls_still_work(small_dit):
     entries = block_entries([small_dit.single_blocks])
@@ -293,3 +330,22 @@ def test_a_plan_that_tiles_the_decode_turns_tiling_on(small_dit):
     tiled = small_plan(autoencoder_slicing=True, autoencoder_tile=64)
     apply_placement(fake_pipe(copy.deepcopy(small_dit), autoencoder=ae), tiled, "cpu")
     assert ae.use_tiling and ae.tile_size == 64
+
+
+@torch.no_grad()
+def test_compiled_blocks_run_compiled_when_streamed_without_recompiling(small_dit):
+    from torch._dynamo.utils import counters
+
+    from featherflux.model.compile import compile_blocks
+
+    inputs = dit_inputs(SMALL_DIT)
+    expected = small_dit(*inputs)
+    assert compile_blocks(small_dit, True, "cpu")
+    stream_modules(block_entries([small_dit.double_blocks, small_dit.single_blocks]), "cpu")
+    torch._dynamo.reset()
+    counters.clear()
+    first, second = small_dit(*inputs), small_dit(*inputs)
+    assert counters["stats"]["unique_graphs"] > 0  # the blocks did run compiled
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch.testing.assert_close(first, expected, atol=2e-2, rtol=2e-2)  # bf16: compiled fusions round differently
+    assert torch.equal(first, second)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 # Bytes: each tensor of a packed buffer starts where the CUDA caching allocator would start it, so kernels see the
 # same alignment as for resident weights (cuBLAS picks kernels by alignment; the padding is < 0.01% of a block).
@@ -132,17 +131,37 @@ def _rebind(module: nn.Module, views: dict[str, Tensor]) -> None:
                 m._buffers[key] = views[prefix + key]
 
 
+def _places(module: nn.Module, tensors: dict[str, Tensor]) -> list[tuple[dict, str, str]]:
+    """Every place that holds one of the module's tensors, as (its module's parameter or buffer dict, key, name):
+    a tensor shared by two submodules is held in two places under one name."""
+    name_of = {id(t): name for name, t in tensors.items()}
+    return [
+        (store, key, name_of[id(t)])
+        for m in module.modules()
+        for store in (m._parameters, m._buffers)
+        for key, t in store.items()
+        if t is not None and id(t) in name_of
+    ]
+
+
 @dataclass
 class _HostSide:
-    """A streamed module's host weights: its layout, and its packed buffer (None when left in place, e.g. mapped)."""
+    """A streamed module's host weights: its layout, its packed buffer (None when left in place, e.g. mapped) and
+    the places its forward reads them from."""
 
     layout: Layout
     packed: Tensor | None
-    signature: tuple  # (name, data pointer) of every tensor when laid out: a LoRA swap or a reload changes it
+    signature: tuple  # what `_signature` said when laid out: a LoRA swap or a reload changes it
+    places: list[tuple[dict, str, str]]
 
 
-def _signature(tensors: dict[str, Tensor]) -> tuple:
-    return tuple((name, t.data_ptr(), t.dtype, t.shape) for name, t in tensors.items())
+def _signature(module: nn.Module, tensors: dict[str, Tensor]) -> tuple:
+    """The module's tensors (name, data pointer, dtype, shape) and its submodules: a change to either is a new
+    layout and new places."""
+    return (
+        tuple((name, t.data_ptr(), t.dtype, t.shape) for name, t in tensors.items()),
+        tuple(id(m) for m in module.modules()),
+    )
 
 
 class Streamer:
@@ -181,7 +200,7 @@ class Streamer:
         layout = Layout.of(tensors)
         on_host = all(t.device.type == "cpu" for t in tensors.values())
         if not (self.pack and on_host):
-            return _HostSide(layout, None, _signature(tensors))
+            return _HostSide(layout, None, _signature(block, tensors), _places(block, tensors))
         packed = torch.empty(layout.nbytes, dtype=torch.uint8)
         views = layout.views(packed)
         for name, t in tensors.items():
@@ -189,13 +208,14 @@ class Streamer:
         _rebind(block, views)
         if self.cuda:
             _host_register(packed)
-        return _HostSide(layout, packed, _signature(views))
+        tensors = _tensors(block)  # the same parameters, now views of the buffer
+        return _HostSide(layout, packed, _signature(block, tensors), _places(block, tensors))
 
     def _current(self, i: int) -> tuple[_HostSide, dict[str, Tensor]]:
         """Module i's host side, laid out again if its tensors changed since (a LoRA was added, weights reloaded)."""
         block = self.modules[i].block
         tensors = _tensors(block)
-        if _signature(tensors) != self.host[i].signature:
+        if _signature(block, tensors) != self.host[i].signature:
             if self.cuda:  # a copy out of the old buffer may still be running; this happens once per LoRA change
                 self.copy_stream.synchronize()
             self._unpin(self.host[i])
@@ -255,8 +275,9 @@ class Streamer:
         _, nbytes, _, _ = self._loaded.pop(i)
         self.ledger.sub(nbytes)
 
-    def acquire(self, i: int) -> dict[str, Tensor]:
-        """Device tensors of module i (the compute stream waiting for its copy), after queueing the next copy."""
+    def acquire(self, i: int) -> tuple[dict[str, Tensor], list[tuple[dict, str, str]]]:
+        """Device tensors of module i (the compute stream waiting for its copy) and the places its forward reads
+        them from, after queueing the next copy."""
         nxt = (i + 1) % len(self.modules)
         for j in [j for j in self._loaded if j not in (i, nxt)]:  # called out of order: drop the stale prefetch
             self._drop(j)
@@ -267,7 +288,7 @@ class Streamer:
         tensors, _, copied, _ = self._loaded[i]
         if copied is not None:
             torch.cuda.current_stream(self.device).wait_event(copied)
-        return tensors
+        return tensors, self.host[i].places
 
     def release(self, i: int) -> None:
         if i not in self._loaded:
@@ -333,10 +354,17 @@ class StreamedModule(nn.Module):
         return self  # weights stay on the host; the streamer moves copies
 
     def forward(self, *args, **kwargs):
-        tensors = self.streamer.acquire(self.index)
+        # The block runs as itself, its parameters swapped for the device copies and back: a third of the host time
+        # of torch.func.functional_call, which pays for generality (name lookups, checks) on every block of every step
+        tensors, places = self.streamer.acquire(self.index)
+        on_host = [store[key] for store, key, _ in places]
         try:
-            return functional_call(self.block, tensors, args, kwargs, strict=True)
+            for store, key, name in places:
+                store[key] = tensors[name]
+            return self.block(*args, **kwargs)
         finally:
+            for (store, key, _), original in zip(places, on_host, strict=True):
+                store[key] = original
             self.streamer.release(self.index)
 
 
