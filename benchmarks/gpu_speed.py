@@ -24,11 +24,14 @@ Measured, in order:
   say nothing about how often that happens, so the row gives the time of a skipped step and the mean step time at
   the pass rate measured on the demo (10 of 16 steps run in full at the default threshold; README "Speed").
 
-On the lent H200 (Python 3.12, torch and diffusers' other needs installed, no diffusers), carry diffusers' wheel:
-`pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1` here (with `/.whl/` in
-.git/info/exclude), then run there, carrying `.whl`, this and `gpu_memory.py` in one call of at most 9 minutes:
-`pip install -q --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 &&
-python3 benchmarks/gpu_speed.py --out $OUT --budget 300; python3 benchmarks/gpu_memory.py --out $OUT --budget 220`.
+On the lent GPU (Python 3.12 with torch, transformers and the rest of featherflux's needs; no diffusers, gguf or
+bitsandbytes), carry wheels: here, `pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation
+cp --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata gguf
+bitsandbytes` (about 50 MB; `*.whl` is git-ignored), then run there, carrying `.whl`, this and `gpu_memory.py` in
+one call of at most 9 minutes:
+`python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl &&
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 && python3 benchmarks/gpu_speed.py --out $OUT --budget 300;
+python3 benchmarks/gpu_memory.py --out $OUT --budget 220`.
 """
 
 from __future__ import annotations
