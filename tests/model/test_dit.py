@@ -3,7 +3,7 @@ import torch
 from diffusers.models.transformers.transformer_flux2 import Flux2KVAttnProcessor, Flux2KVParallelSelfAttnProcessor
 
 from featherflux.model.config import FAMILIES
-from featherflux.model.dit import Flux2
+from featherflux.model.dit import Flux2, SingleStreamBlock
 from tests.dit_fixtures import (
     GUIDED,
     UNGUIDED,
@@ -147,3 +147,28 @@ def test_forward_compiles_without_graph_breaks():
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert_close(compiled(**args), model(**args), rel=1e-6)
+
+
+def test_single_block_input_projection_in_parts_equals_the_fused_linear():
+    """On CPU a plain linear1 runs one matmul per part (qkv, gate, up); anything else (a quantized or LoRA-wrapped
+    layer, here a Linear subclass that counts its calls) runs its own forward once. Both equal the fused split."""
+    torch.manual_seed(0)
+    block = SingleStreamBlock(dim=64, num_heads=4, mlp_hidden_dim=96)
+    x = torch.randn(2, 10, 64)
+    fused = block.linear1(x).split([3 * 64, 96, 96], dim=-1)
+    for part, expected in zip(block.project_in(x), fused, strict=True):
+        assert_close(part, expected, rel=1e-6)
+
+    class CountingLinear(torch.nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            CountingLinear.calls += 1
+            return super().forward(x)
+
+    wrapped = CountingLinear(64, 3 * 64 + 2 * 96, bias=False)
+    wrapped.weight = block.linear1.weight
+    block.linear1 = wrapped
+    for part, expected in zip(block.project_in(x), fused, strict=True):
+        assert_close(part, expected, rel=1e-6)
+    assert CountingLinear.calls == 1
