@@ -122,14 +122,13 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=EPS), 1 + scale)
 
 
-def swiglu(x: Tensor) -> Tensor:
-    gate, up = x.chunk(2, dim=-1)
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate).mul_(up)  # in place: the SiLU output is a fresh tensor, no second temporary
 
 
 class SwiGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        return swiglu(x)
+        return swiglu(*x.chunk(2, dim=-1))
 
 
 class RMSNorm(nn.Module):
@@ -241,8 +240,9 @@ class SingleStreamBlock(nn.Module):
 
     def project_in(self, x: Tensor) -> list[Tensor]:
         """linear1 -> [qkv, SwiGLU gate, SwiGLU up]. On CPU a plain Linear runs as one matmul per part: MKL's fp32
-        GEMM ran the 1024 -> 9216 linear1 of `benchmarks/transformer_cpu.py` about 15% slower than the same work in
-        these three parts (145 vs 165-175 GFLOP/s on 2 cores), and klein-4b's 3072 -> 27648 equally fast either way.
+        GEMM ran a 1024 -> 9216 linear1 (the shape of `benchmarks/transformer_cpu.py`'s model) about 15% slower than the
+        same work in these three parts (145 vs 165-175 GFLOP/s, standalone matmuls on 2 cores), and klein-4b's
+        3072 -> 27648 equally fast either way.
         GPUs keep the one wide GEMM, and quantized or LoRA-wrapped layers their own forward."""
         qkv_size, mlp_size = self.split_sizes
         sizes = [qkv_size, mlp_size // 2, mlp_size // 2]
@@ -258,7 +258,7 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, pe, v.dtype)
         attn = attention(q, k, v, self.attend, ref_kv)
         del q, k, v, qkv
-        mlp = F.silu(mlp_gate).mul_(mlp_up)  # SwiGLU; in place: the SiLU output is a fresh tensor
+        mlp = swiglu(mlp_gate, mlp_up)
         del mlp_gate, mlp_up  # the last views of linear1's output: freed before the concat below
         out = torch.addcmul(x, gate, self.linear2(torch.cat([attn, mlp], dim=-1)))
         if out.dtype == torch.float16:
